@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what Corral needs on a fresh Debian machine: Debian packages (when missing)
+# and the npm packages (better-sqlite3 builds from source here: about two minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v etcd >/dev/null || need+=(etcd-server etcd-client)
+command -v ip >/dev/null || need+=(iproute2)
+command -v sfdisk >/dev/null || need+=(fdisk)
+command -v zstd >/dev/null || need+=(zstd)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "corral setup: installing Debian packages: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -f node_modules/.corral-installed ] || [ package-lock.json -nt node_modules/.corral-installed ]; then
+  echo "corral setup: installing npm packages"
+  npm ci --no-audit --no-fund --loglevel=error
+  touch node_modules/.corral-installed
+fi

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README's test command: install what is needed, check types and lint, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== typecheck"; npx tsc -p tsconfig.json --noEmit
+echo "== lint"; npx eslint . && npx prettier --check . >/dev/null
+echo "== tests"; node scripts/run-tests.mjs "$@"

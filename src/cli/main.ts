@@ -1,0 +1,30 @@
+// The corral command. Each area registers its own sub-commands (src/cli/commands/*.ts).
+import { Command, CommanderError } from 'commander';
+import { exitCodes } from './program.js';
+import { registerConfig } from './commands/config.js';
+
+const program = new Command('corral')
+  .description('Corral: high-availability cluster manager for VMs and services')
+  .version('0.1.0')
+  .showHelpAfterError('(run with --help for usage)')
+  .exitOverride();
+
+registerConfig(program);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof CommanderError) {
+    if (
+      err.code === 'commander.helpDisplayed' ||
+      err.code === 'commander.version' ||
+      err.code === 'commander.help'
+    ) {
+      process.exitCode = exitCodes.ok;
+    } else {
+      process.exitCode = exitCodes.usage;
+    }
+  } else {
+    throw err;
+  }
+}
