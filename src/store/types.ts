@@ -98,8 +98,12 @@ export interface Store {
   /** the URL it was opened with, secrets removed */
   readonly url: string;
   get(key: string): Promise<KeyValue | undefined>;
-  /** keys starting with prefix, sorted by key; '' means every key */
-  range(prefix: string, opts?: { limit?: number }): Promise<RangeResult>;
+  /**
+   * keys starting with prefix, sorted by key (UTF-8 byte order); '' means every key.
+   * limit 0 or absent: no limit. fromKey (addition): start at this key (inclusive) instead of
+   * at prefix, to page through a large range: pass the last key of the previous page + '\0'.
+   */
+  range(prefix: string, opts?: { limit?: number; fromKey?: string }): Promise<RangeResult>;
   put(key: string, value: string, opts?: { lease?: number }): Promise<{ revision: number }>;
   delete(key: string): Promise<{ revision: number; deleted: number }>;
   deletePrefix(prefix: string): Promise<{ revision: number; deleted: number }>;
