@@ -265,9 +265,8 @@ class Member {
   readonly client: Etcd3;
   readonly kv: KVClient;
   readonly lease: LeaseClient;
-  /** watch and keep-alive streams ask the member to fail them when it loses its leader */
-  readonly leaderWatch: WatchClient;
-  readonly leaderLease: LeaseClient;
+  /** every call asks the member to fail it at once ("no leader") while it has no leader */
+  readonly watchClient: WatchClient;
   private keepAliveStream: KeepAliveStream | undefined;
   private keepAlivePending: PendingKeepAlive[] = [];
 
@@ -285,10 +284,9 @@ class Member {
       markFailed: (r, e) => pool.markFailed(r, e),
       callOptionsFactory: undefined,
     };
-    this.kv = this.client.kv;
-    this.lease = this.client.leaseClient;
-    this.leaderWatch = new WatchClient(requireLeader);
-    this.leaderLease = new LeaseClient(requireLeader);
+    this.kv = new KVClient(requireLeader);
+    this.lease = new LeaseClient(requireLeader);
+    this.watchClient = new WatchClient(requireLeader);
   }
 
   /** one keep-alive over this member's shared stream; resolves with the TTL in seconds */
@@ -308,7 +306,7 @@ class Member {
 
   private async keepAliveChannel(): Promise<KeepAliveStream> {
     if (this.keepAliveStream) return this.keepAliveStream;
-    const stream = await this.leaderLease.leaseKeepAlive();
+    const stream = await this.lease.leaseKeepAlive();
     if (this.keepAliveStream) {
       stream.cancel();
       return this.keepAliveStream;
@@ -900,7 +898,7 @@ class EtcdWatch implements Watcher {
   /** opens a stream on member idx from lastEtcdRev + 1; resolves when etcd says created */
   private async open(idx: number, createTimeoutMs: number): Promise<void> {
     const m = this.store.member(idx);
-    const stream = await m.leaderWatch.watch();
+    const stream = await m.watchClient.watch();
     if (this.done) {
       stream.cancel();
       return;
