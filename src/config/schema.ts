@@ -54,7 +54,11 @@ const ipAddress = z
   .string({ error: 'expected an IP address' })
   .refine((s) => isIP(s) !== 0, { error: 'expected an IP address' });
 
-const port = boundedInt(1, 65535, 'a TCP/UDP port');
+const port = z
+  .number({ error: 'expected a port number (1-65535)' })
+  .int({ error: 'expected a port number (1-65535)' })
+  .min(1, { error: 'expected a port number (1-65535)' })
+  .max(65535, { error: 'expected a port number (1-65535)' });
 
 /** A file path in the config: non-empty, resolved against the config file's directory. */
 const filePath = (baseDir: string) =>
@@ -166,7 +170,7 @@ function readSecret(ref: SecretRef, env: NodeJS.ProcessEnv): SecretRead {
       return {
         ok: false,
         field,
-        message: `${from} is ${ref.env in env ? 'empty' : 'not set'}`,
+        message: `${from} is ${ref.env in env ? 'empty' : 'not set'}; it must hold the auth key (at least ${configLimits.authKeyBytesMin} bytes)`,
         hint: `export ${ref.env}=<a random key of at least ${configLimits.authKeyBytesMin} bytes> before running corral`,
       };
   }
@@ -205,6 +209,7 @@ const secretRef = (ctx: SchemaContext) =>
       },
     )
     .transform((r, zc): SecretRef => {
+      if (zc.issues.some((i) => i.code === 'unrecognized_keys')) return z.NEVER; // a typo: reported already
       if ((r.file === undefined) === (r.env === undefined)) {
         zc.addIssue({ code: 'custom', message: 'set exactly one of `file` or `env`' });
         return z.NEVER;
@@ -212,7 +217,7 @@ const secretRef = (ctx: SchemaContext) =>
       const ref = r.file !== undefined ? { file: r.file } : { env: r.env as string };
       if (ctx.checkSecrets) {
         const s = readSecret(ref, ctx.env);
-        if (!s.ok) zc.addIssue({ code: 'custom', path: [s.field], message: `${s.message} (${s.hint})` });
+        if (!s.ok) zc.addIssue({ code: 'custom', path: [s.field], message: s.message });
       }
       return ref;
     });

@@ -184,17 +184,11 @@ function expectedMessage(iss: RawIssue): string | undefined {
     case 'too_small':
     case 'too_big': {
       const bound = iss.code === 'too_small' ? iss.minimum : iss.maximum;
-      const [cmp, noun] = iss.code === 'too_small' ? ['at least', 'minimum'] : ['at most', 'maximum'];
+      const small = iss.code === 'too_small';
+      const cmp = small ? 'at least' : 'at most';
       if (iss.origin === 'array') return `expected a list with ${cmp} ${bound} item(s)`;
       if (iss.origin === 'string') return `expected a string with ${cmp} ${bound} character(s)`;
-      const op = iss.inclusive
-        ? iss.code === 'too_small'
-          ? '>='
-          : '<='
-        : iss.code === 'too_small'
-          ? '>'
-          : '<';
-      return `expected a number ${op} ${bound} (${noun})`;
+      return `expected a number ${small ? '>' : '<'}${iss.inclusive ? '=' : ''} ${bound}`;
     }
     case 'invalid_value':
       return `expected ${iss.values.length === 1 ? '' : 'one of '}${iss.values.map((v) => JSON.stringify(v)).join(', ')}`;
