@@ -120,3 +120,35 @@ export async function waitFor(done: () => boolean, timeoutMs: number, pollMs = 2
     await new Promise((r) => setTimeout(r, Math.max(1, Math.min(pollMs, deadline - performance.now()))));
   }
 }
+
+export interface PidRecord {
+  pid: number;
+  /** /proc start time when the writer recorded it (guards against pid reuse) */
+  startTime?: number;
+}
+
+/**
+ * Read a pid file written by another process: either a plain pid ("1234\n") or JSON
+ * `{"pid":1234,"startTime":5678}`. null when absent or malformed.
+ */
+export function readPidRecord(path: string): PidRecord | null {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8').trim();
+  } catch {
+    return null;
+  }
+  if (/^\d+$/.test(text)) return { pid: Number(text) };
+  try {
+    const v = JSON.parse(text) as { pid?: unknown; startTime?: unknown };
+    if (typeof v.pid !== 'number' || !Number.isInteger(v.pid) || v.pid <= 1) return null;
+    return typeof v.startTime === 'number' ? { pid: v.pid, startTime: v.startTime } : { pid: v.pid };
+  } catch {
+    return null;
+  }
+}
+
+/** Does this pid record name a live process (start time checked when recorded)? */
+export function recordAlive(rec: PidRecord): boolean {
+  return isAlive(rec.pid, rec.startTime);
+}
