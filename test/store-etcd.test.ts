@@ -1,14 +1,38 @@
 // The etcd:// backend against real etcd members: backend specifics (revision numbering,
 // missing-key compares, lease rounding, errors), fail-over on a 3-member cluster where the
 // member in use is SIGKILLed mid-run, and "never hangs" on dead or silent endpoints.
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, type Server, type Socket } from 'node:net';
 import { startEtcd, etcdMissing, type EtcdCluster } from './helpers/etcd.js';
 import { openEtcdStore, EtcdStore } from '../src/store/etcd.js';
 import { StoreError, type Store, type WatchEvent } from '../src/store/types.js';
+import { openStore } from '../src/store/index.js';
+import { storeConformance } from './store-conformance.js';
 
 const missing = etcdMissing();
+
+// ---- the shared conformance suite on one member, started once for the suite -------------
+
+if (missing) {
+  test('Store conformance: etcd (1 member)', { skip: missing }, () => {});
+} else {
+  let shared: Promise<EtcdCluster> | undefined;
+  after(async () => {
+    if (shared) await (await shared).stop();
+  });
+  storeConformance('etcd (1 member)', async () => {
+    shared ??= startEtcd({ members: 1 });
+    const cluster = await shared;
+    return {
+      store: await openStore(cluster.url),
+      openAnother: () => openStore(cluster.url),
+      cleanup: async () => {},
+    };
+  });
+}
+
+// ---- etcd specifics ------------------------------------------------------------------------
 
 async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
