@@ -1,0 +1,551 @@
+// The node agent: holds the node's lease, reconciles what the store assigns to it through
+// its driver, reports what it observes, and self-fences when it cannot renew in time.
+// Runs the manager loop beside it (only the leader acts). Every effect goes through Env,
+// the Store, the Driver and the Watchdog, so the simulator runs this same code.
+import type { Env, Driver, Fencer, LocalResource, Watchdog } from '../env/types.js';
+import type { Store, WatchEvent, Watcher } from '../store/types.js';
+import { StoreError } from '../store/types.js';
+import { keys as keysOf, type Keys } from '../core/keys.js';
+import { invariant } from '../core/errors.js';
+import {
+  defaultFlags,
+  type AgentStatus,
+  type Alive,
+  type Capacity,
+  type ClusterEvent,
+  type ClusterFlags,
+  type NodeAdmin,
+  type NodeRegistration,
+  type ResourceRecord,
+  type Timings,
+} from '../core/types.js';
+import { ResourceSpec } from '../core/spec.js';
+import { Manager } from '../manager/manager.js';
+
+export const agentLimits = {
+  /** a full reconcile runs at least this often even without store events */
+  reconcileEveryMs: 1000,
+  /** wait between attempts to rejoin after losing the lease */
+  rejoinBackoffMs: 500,
+  rejoinBackoffMaxMs: 5000,
+  /** graceful leave: how long to wait for the manager to move resources away */
+  leaveWaitMs: 60000,
+};
+
+export interface AgentOptions {
+  env: Env;
+  store: Store;
+  driver: Driver;
+  fencer: Fencer;
+  watchdog?: Watchdog;
+  cluster: string;
+  node: string;
+  address: string;
+  capacity: Capacity;
+  labels: Record<string, string>;
+  timings: Timings;
+  /** run the manager loop in this agent (default true) */
+  manager?: boolean;
+  onEvent?: (e: ClusterEvent) => void;
+}
+
+export type AgentPhase = 'starting' | 'joined' | 'fenced' | 'leaving' | 'stopped';
+
+export class Agent {
+  readonly k: Keys;
+  readonly manager: Manager | undefined;
+  phase: AgentPhase = 'starting';
+  private lease: number | undefined;
+  private incarnation = 0;
+  private lastRenewOkSentMs = 0;
+  private cancelSelfFence: (() => void) | undefined;
+  private flags: ClusterFlags = defaultFlags;
+  private watcher: Watcher | undefined;
+  private readonly busy = new Map<string, Promise<void>>();
+  /** epochs assigned to us before we (re)joined: never started again, the manager must re-place */
+  private readonly epochFloor = new Map<string, number>();
+  /** modRevision of each assignment we last read, for the claim txn before a start */
+  private readonly assignRevs = new Map<string, number>();
+  private reconcileQueued = false;
+  private stopping = false;
+  private loops: Promise<void>[] = [];
+  private wakeRenew: (() => void) | undefined;
+  private eventSeq = 0;
+  /** set when the cluster halts: the agent exits once its resources are stopped */
+  private halted: (() => void) | undefined;
+
+  constructor(private readonly o: AgentOptions) {
+    this.k = keysOf(o.cluster);
+    invariant(o.timings.selfFenceMarginMs < o.timings.leaseTtlMs, 'selfFenceMarginMs < leaseTtlMs');
+    invariant(
+      o.timings.renewIntervalMs < o.timings.leaseTtlMs - o.timings.selfFenceMarginMs,
+      'renew before the deadline',
+    );
+    this.manager =
+      o.manager === false
+        ? undefined
+        : new Manager({
+            env: o.env,
+            store: o.store,
+            cluster: o.cluster,
+            self: o.node,
+            timings: o.timings,
+            fencer: o.fencer,
+            lease: () => (this.phase === 'joined' ? this.lease : undefined),
+            onEvent: o.onEvent,
+          });
+    o.driver.onEvent((ev) => {
+      void this.report(ev.id, { epoch: ev.epoch, state: 'failed', reason: ev.reason });
+      this.queueReconcile();
+    });
+  }
+
+  currentLease(): number | undefined {
+    return this.lease;
+  }
+
+  /** Join the cluster and run until stop(). Resolves once joined. */
+  async start(): Promise<void> {
+    const leftovers = await this.o.driver.recover();
+    if (leftovers.length > 0)
+      this.o.env.log('info', 'found resources left by an earlier agent', { ids: leftovers.map((l) => l.id) });
+    await this.join();
+    this.watcher = await this.o.store.watch(this.k.prefix, {
+      onEvents: (evs) => this.onStoreEvents(evs),
+      onError: (e) => {
+        this.o.env.log('warn', 'store watch ended; polling until it is re-established', { error: e.message });
+        this.watcher = undefined;
+      },
+    });
+    this.loops.push(this.renewLoop(), this.reconcileLoop());
+    if (this.manager) this.loops.push(this.manager.run());
+  }
+
+  /** Resolves when the cluster is halted and this agent's resources are stopped. */
+  whenHalted(): Promise<void> {
+    return new Promise((resolve) => (this.halted = resolve));
+  }
+
+  // ------------------------------------------------------------ lease and joining
+
+  private async join(): Promise<void> {
+    const env = this.o.env;
+    let backoffMs = agentLimits.rejoinBackoffMs;
+    for (;;) {
+      if (this.stopping) return;
+      try {
+        await this.joinOnce();
+        return;
+      } catch (e) {
+        if (!(e instanceof StoreError)) throw e;
+        env.log('warn', 'cannot join yet; retrying', { error: e.message, backoffMs });
+        await env.sleep(backoffMs);
+        backoffMs = Math.min(agentLimits.rejoinBackoffMaxMs, backoffMs * 2);
+      }
+    }
+  }
+
+  private async joinOnce(): Promise<void> {
+    const env = this.o.env;
+    this.phase = 'starting';
+    const sentMs = env.nowMs();
+    const lease = await this.o.store.leaseGrant(this.o.timings.leaseTtlMs);
+    this.incarnation = sentMs * 1000 + env.rng.int(0, 999);
+    const reg: NodeRegistration = {
+      name: this.o.node,
+      address: this.o.address,
+      capacity: this.o.capacity,
+      labels: this.o.labels,
+      incarnation: this.incarnation,
+      left: false,
+      sinceMs: sentMs,
+    };
+    const alive: Alive = { incarnation: this.incarnation, ready: false };
+    await this.o.store.txn({
+      compare: [],
+      success: [
+        { type: 'put', key: this.k.node(this.o.node), value: JSON.stringify(reg) },
+        { type: 'put', key: this.k.alive(this.o.node), value: JSON.stringify(alive), lease },
+      ],
+    });
+    this.lease = lease;
+    this.renewed(sentMs);
+    // Stop whatever the store does not assign to us before taking work (safety rule 5).
+    await this.reconcile();
+    await this.o.store.put(this.k.alive(this.o.node), JSON.stringify({ ...alive, ready: true }), { lease });
+    this.phase = 'joined';
+    await this.agentEvent('joined', `${this.o.node} joined (incarnation ${this.incarnation})`);
+    this.manager?.poke();
+  }
+
+  private renewed(sentMs: number): void {
+    this.lastRenewOkSentMs = sentMs;
+    const t = this.o.timings;
+    const allowMs = sentMs + t.leaseTtlMs - t.selfFenceMarginMs - this.o.env.nowMs();
+    if (this.flags.armed) this.o.watchdog?.feed(Math.max(0, allowMs));
+    this.cancelSelfFence?.();
+    this.cancelSelfFence = this.o.env.setTimer(
+      Math.max(0, allowMs),
+      () => void this.selfFence('lease not renewed in time'),
+    );
+  }
+
+  private async renewLoop(): Promise<void> {
+    const env = this.o.env;
+    while (!this.stopping) {
+      await new Promise<void>((resolve) => {
+        const cancel = env.setTimer(this.o.timings.renewIntervalMs, resolve);
+        this.wakeRenew = () => {
+          cancel();
+          resolve();
+        };
+      });
+      if (this.stopping) return;
+      if (this.phase === 'fenced') {
+        await this.join();
+        continue;
+      }
+      const lease = this.lease;
+      if (lease === undefined || this.phase !== 'joined') continue;
+      const sentMs = env.nowMs();
+      try {
+        await this.o.store.leaseKeepAlive(lease);
+        if (this.lease === lease && this.phase === 'joined') this.renewed(sentMs);
+      } catch (e) {
+        if (!(e instanceof StoreError)) throw e;
+        if (e.code === 'CORRAL_STORE_LEASE_NOT_FOUND')
+          await this.selfFence('lease lost (expired in the store)', true);
+        else env.log('warn', 'lease renewal failed', { error: e.message });
+      }
+    }
+  }
+
+  /**
+   * Kill everything at once: the lease is (or may be) gone, so the manager may recover our
+   * resources elsewhere. Disarmed clusters skip this (planned maintenance).
+   */
+  async selfFence(why: string, leaseGone = false): Promise<void> {
+    if (this.phase !== 'joined' && this.phase !== 'starting') return;
+    const t = this.o.timings;
+    if (!this.flags.armed) {
+      // Disarmed (planned maintenance): resources keep running. A lost lease is taken
+      // again without killing anything; a late renewal just keeps trying.
+      this.o.env.log('warn', `not self-fencing (${why}): the cluster is disarmed`);
+      if (leaseGone) {
+        this.phase = 'fenced';
+        this.lease = undefined;
+        this.wakeRenew?.();
+      } else {
+        this.cancelSelfFence = this.o.env.setTimer(t.renewIntervalMs, () => void this.selfFence(why));
+      }
+      return;
+    }
+    this.phase = 'fenced';
+    this.lease = undefined;
+    this.cancelSelfFence?.();
+    this.o.env.log('error', `self-fencing: ${why}`);
+    await this.o.driver.killAll();
+    this.wakeRenew?.();
+    void this.agentEvent('self-fenced', `${this.o.node} self-fenced: ${why}`).catch(() => undefined);
+  }
+
+  // ------------------------------------------------------------ reconciling
+
+  private onStoreEvents(evs: WatchEvent[]): void {
+    let mine = false;
+    for (const e of evs) {
+      const key = e.kv.key;
+      if (key === this.k.flags && e.type === 'put') this.applyFlags(e.kv.value);
+      if (key.startsWith(this.k.assigns) || key === this.k.flags || key.startsWith(this.k.nodeAdmins))
+        mine = true;
+      if (!key.startsWith(this.k.events) && !key.startsWith(this.k.statuses)) this.manager?.poke();
+      else if (key.startsWith(this.k.statuses)) this.manager?.poke();
+    }
+    if (mine) this.queueReconcile();
+  }
+
+  private applyFlags(value: string): void {
+    try {
+      const prev = this.flags;
+      this.flags = { ...defaultFlags, ...(JSON.parse(value) as Partial<ClusterFlags>) };
+      if (prev.armed && !this.flags.armed) this.o.watchdog?.disarm();
+      if (!prev.armed && this.flags.armed && this.phase === 'joined') this.renewed(this.lastRenewOkSentMs);
+    } catch {
+      this.o.env.log('warn', 'unreadable cluster flags ignored');
+    }
+  }
+
+  private queueReconcile(): void {
+    if (this.reconcileQueued) return;
+    this.reconcileQueued = true;
+    this.o.env.setTimer(0, () => {
+      this.reconcileQueued = false;
+      void this.reconcile().catch((e: unknown) =>
+        this.o.env.log('warn', 'reconcile failed', { error: String(e) }),
+      );
+    });
+  }
+
+  private async reconcileLoop(): Promise<void> {
+    while (!this.stopping) {
+      await this.o.env.sleep(agentLimits.reconcileEveryMs);
+      if (this.stopping) return;
+      if (!this.watcher) {
+        try {
+          this.watcher = await this.o.store.watch(this.k.prefix, {
+            onEvents: (evs) => this.onStoreEvents(evs),
+            onError: () => (this.watcher = undefined),
+          });
+        } catch {
+          // store still unreachable; the lease logic handles safety
+        }
+      }
+      await this.reconcile().catch((e: unknown) =>
+        this.o.env.log('warn', 'reconcile failed', { error: String(e) }),
+      );
+    }
+  }
+
+  /** Compare what the store assigns to us with what runs here, and act on the difference. */
+  async reconcile(): Promise<void> {
+    if (this.phase === 'fenced' || this.phase === 'stopped') return;
+    const store = this.o.store;
+    const snap = await store.txn({
+      compare: [],
+      success: [
+        { type: 'range', prefix: this.k.assigns },
+        { type: 'range', prefix: this.k.resources },
+        { type: 'range', prefix: this.k.statusesOf(this.o.node) },
+        { type: 'get', key: this.k.flags },
+      ],
+    });
+    const [assignR, specR, statusR, flagsR] = snap.results;
+    if (flagsR?.type === 'get' && flagsR.kv) this.applyFlags(flagsR.kv.value);
+    const assigned = new Map<string, ResourceRecord>();
+    if (assignR?.type === 'range')
+      for (const kv of assignR.kvs) {
+        try {
+          const rec = JSON.parse(kv.value) as ResourceRecord;
+          if (rec.node === this.o.node) {
+            assigned.set(rec.id, rec);
+            this.assignRevs.set(rec.id, kv.modRevision);
+          }
+        } catch {
+          // unreadable record: never act on it
+        }
+      }
+    const specs = new Map<string, ResourceSpec>();
+    if (specR?.type === 'range')
+      for (const kv of specR.kvs) {
+        try {
+          const s = ResourceSpec.safeParse(JSON.parse(kv.value));
+          if (s.success) specs.set(s.data.id, s.data);
+        } catch {
+          // ignored: the manager reports unreadable specs
+        }
+      }
+    const reported = new Map<string, AgentStatus>();
+    if (statusR?.type === 'range')
+      for (const kv of statusR.kvs) {
+        try {
+          reported.set(
+            kv.key.slice(this.k.statusesOf(this.o.node).length),
+            JSON.parse(kv.value) as AgentStatus,
+          );
+        } catch {
+          // rewritten below
+        }
+      }
+    if (this.flags.haltForce) {
+      await this.o.driver.killAll();
+      this.halted?.();
+      return;
+    }
+    const local = new Map(this.o.driver.list().map((l) => [l.id, l]));
+    const canStart = this.phase === 'joined';
+    if (!canStart) {
+      // joining: whatever the store assigned to us before now is not started again here
+      for (const a of assigned.values()) {
+        const l = local.get(a.id);
+        const adopted = l && l.epoch === a.epoch && l.state !== 'stopped' && l.state !== 'failed';
+        if (!adopted) this.epochFloor.set(a.id, a.epoch);
+      }
+    }
+    // 1. stop what runs here but is not (or no longer) ours at its epoch
+    for (const l of local.values()) {
+      if (l.state === 'stopped' || l.state === 'failed') continue;
+      const a = assigned.get(l.id);
+      const keep = a && a.run && a.epoch === l.epoch && this.phase !== 'leaving';
+      if (!keep) this.serial(l.id, () => this.stopLocal(l, a));
+    }
+    // 2. start what is ours and not running at its epoch; 3. report what we see
+    for (const a of assigned.values()) {
+      const l = local.get(a.id);
+      const s = reported.get(a.id);
+      if (a.run && canStart) {
+        const spec = specs.get(a.id);
+        const running = l && l.epoch === a.epoch && l.state !== 'stopped' && l.state !== 'failed';
+        const failedHere = s && s.epoch === a.epoch && s.state === 'failed';
+        const stale = a.epoch <= (this.epochFloor.get(a.id) ?? 0);
+        if (!running && !failedHere && !stale && spec)
+          this.serial(a.id, () => this.startLocal(spec, a.epoch));
+        if (!running && stale && (!s || s.epoch !== a.epoch || s.state !== 'stopped'))
+          this.serial(a.id, () =>
+            this.report(a.id, {
+              epoch: a.epoch,
+              state: 'stopped',
+              reason: 'not running here (agent rejoined)',
+            }),
+          );
+      } else if (!a.run) {
+        const running = l && l.state !== 'stopped' && l.state !== 'failed';
+        if (!running && (!s || s.epoch !== a.epoch || (s.state !== 'stopped' && s.state !== 'failed')))
+          this.serial(a.id, () =>
+            this.report(a.id, { epoch: a.epoch, state: 'stopped', reason: 'not running here' }),
+          );
+      }
+      const runningHere = l && l.epoch === a.epoch && l.state !== 'stopped' && l.state !== 'failed';
+      if (
+        a.run &&
+        !canStart &&
+        !runningHere &&
+        (!s || s.epoch !== a.epoch || (s.state !== 'stopped' && s.state !== 'failed'))
+      ) {
+        this.serial(a.id, () =>
+          this.report(a.id, { epoch: a.epoch, state: 'stopped', reason: 'not running here (agent joining)' }),
+        );
+      }
+    }
+    if (
+      this.flags.halted &&
+      this.halted &&
+      [...local.values()].every((l) => l.state === 'stopped' || l.state === 'failed')
+    ) {
+      if ([...assigned.values()].every((a) => !a.run)) this.halted();
+    }
+  }
+
+  /** Run one action per resource at a time; later calls wait for the one in flight. */
+  private serial(id: string, fn: () => Promise<void>): void {
+    if (this.busy.has(id)) return; // the in-flight action re-queues a reconcile when done
+    const p = fn()
+      .catch((e: unknown) => this.o.env.log('warn', 'resource action failed', { id, error: String(e) }))
+      .finally(() => {
+        this.busy.delete(id);
+        this.queueReconcile();
+      });
+    this.busy.set(id, p);
+  }
+
+  private async startLocal(spec: ResourceSpec, epoch: number): Promise<void> {
+    if (this.phase !== 'joined') return;
+    // Claim: the 'starting' report lands only if the assignment is still the one we read,
+    // and the manager's re-placement is guarded on this report: one of the two wins.
+    const claim: AgentStatus = { epoch, state: 'starting', reason: 'starting', sinceMs: this.o.env.nowMs() };
+    const r0 = await this.o.store.txn({
+      compare: [
+        {
+          key: this.k.assign(spec.id),
+          target: 'modRevision',
+          op: '==',
+          value: this.assignRevs.get(spec.id) ?? 0,
+        },
+      ],
+      success: [{ type: 'put', key: this.k.status(this.o.node, spec.id), value: JSON.stringify(claim) }],
+    });
+    if (!r0.succeeded) return; // the assignment changed: reconcile again
+    const r = await this.o.driver.start(spec, epoch);
+    if ((this.phase as AgentPhase) === 'fenced') return; // killAll already took it down
+    await this.report(spec.id, {
+      epoch,
+      state: r.state === 'started' ? 'started' : 'failed',
+      reason: r.reason,
+    });
+  }
+
+  private async stopLocal(l: LocalResource, a: ResourceRecord | undefined): Promise<void> {
+    const epoch = a && a.epoch >= l.epoch ? a.epoch : l.epoch;
+    await this.report(l.id, { epoch, state: 'stopping', reason: 'stopping' });
+    const r = await this.o.driver.stop(l.id);
+    await this.report(l.id, { epoch, state: 'stopped', reason: r.reason || 'stopped' });
+  }
+
+  private async report(id: string, s: Omit<AgentStatus, 'sinceMs'>): Promise<void> {
+    const status: AgentStatus = { ...s, sinceMs: this.o.env.nowMs() };
+    await this.o.store.put(this.k.status(this.o.node, id), JSON.stringify(status));
+  }
+
+  private async agentEvent(action: string, message: string): Promise<void> {
+    const e: ClusterEvent = {
+      atMs: this.o.env.nowMs(),
+      kind: 'agent',
+      object: this.o.node,
+      action,
+      message,
+      by: `agent@${this.o.node}`,
+    };
+    this.eventSeq = (this.eventSeq + 1) % 1_000_000;
+    await this.o.store.put(this.k.event(e.atMs, `a.${this.o.node}`, this.eventSeq), JSON.stringify(e));
+    this.o.onEvent?.(e);
+  }
+
+  // ------------------------------------------------------------ leaving
+
+  /**
+   * Graceful stop. With leave: ask the manager to move our resources away (maintenance)
+   * and wait for it; then stop what is left, mark the node as left and drop the lease.
+   */
+  async stop(opts: { leave?: boolean; kill?: boolean } = {}): Promise<void> {
+    const env = this.o.env;
+    if (opts.leave && this.phase === 'joined') {
+      const admin: NodeAdmin = { maintenance: true };
+      await this.o.store.put(this.k.nodeAdmin(this.o.node), JSON.stringify(admin));
+      const deadline = env.nowMs() + agentLimits.leaveWaitMs;
+      while (
+        env.nowMs() < deadline &&
+        this.o.driver.list().some((l) => l.state === 'started' || l.state === 'starting')
+      ) {
+        await env.sleep(200);
+      }
+    }
+    this.phase = 'leaving';
+    this.stopping = true;
+    this.manager?.stop();
+    this.cancelSelfFence?.();
+    this.wakeRenew?.();
+    await this.watcher?.cancel().catch(() => undefined);
+    if (opts.kill) await this.o.driver.killAll();
+    else {
+      for (const l of this.o.driver.list()) {
+        if (l.state === 'stopped' || l.state === 'failed') continue;
+        await this.o.driver.stop(l.id);
+        await this.report(l.id, { epoch: l.epoch, state: 'stopped', reason: 'agent shut down' }).catch(
+          () => undefined,
+        );
+      }
+    }
+    await Promise.allSettled([...this.busy.values()]);
+    this.o.watchdog?.disarm();
+    try {
+      const reg = await this.o.store.get(this.k.node(this.o.node));
+      if (reg) {
+        const r = JSON.parse(reg.value) as NodeRegistration;
+        if (r.incarnation === this.incarnation)
+          await this.o.store.put(
+            this.k.node(this.o.node),
+            JSON.stringify({ ...r, left: true, sinceMs: env.nowMs() }),
+          );
+      }
+      await this.agentEvent(
+        'left',
+        `${this.o.node} left the cluster${opts.leave ? ' (resources moved away)' : ''}`,
+      );
+      if (this.lease !== undefined) await this.o.store.leaseRevoke(this.lease);
+    } catch (e) {
+      env.log('warn', 'could not record a clean leave; the node will be fenced', { error: String(e) });
+    }
+    this.lease = undefined;
+    this.phase = 'stopped';
+    await Promise.allSettled(this.loops);
+  }
+}

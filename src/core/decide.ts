@@ -1,0 +1,611 @@
+// The manager's decision: one consistent view of the store in, the actions to take out.
+// Pure and idempotent: the same view gives the same actions, so a new leader resumes
+// from the store by simply deciding again. Time comes in as view.nowMs.
+//
+// Safety rules enforced here (DESIGN.md, "Safety protocol"):
+//  - a resource is placed on a new node only when its previous copy is known down:
+//    the agent reported it stopped/failed at the current epoch, or its node is fenced
+//    or left cleanly. A node that went silent is fenced first, always.
+//  - every new placement or restart takes a higher epoch (fencing token).
+import { invariant, assertNever } from './errors.js';
+import { charge, place, release, usageOf, type Usage } from './placement.js';
+import type {
+  Action,
+  ClusterEvent,
+  ClusterView,
+  FailureMark,
+  NodeState,
+  NodeStatus,
+  NodeView,
+  ResourceRecord,
+  ResourceView,
+} from './types.js';
+
+export function decide(view: ClusterView): Action[] {
+  const out: Action[] = [];
+  const by = `manager@${view.self}`;
+  const work = { ...view, nodes: new Map(view.nodes), resources: new Map(view.resources) };
+  for (const n of [...view.nodes.values()].sort(byName)) {
+    const a = decideNode(work, n, by);
+    for (const act of a) {
+      out.push(act);
+      if (act.type === 'setNode') work.nodes.set(n.name, { ...n, status: act.next });
+    }
+  }
+  const used = usageOf(work);
+  const order = [...work.resources.values()].sort(
+    (a, b) => (b.spec?.priority ?? 0) - (a.spec?.priority ?? 0) || (a.id < b.id ? -1 : 1),
+  );
+  for (const r of order) {
+    const acts = decideResource(work, r, used, by);
+    for (const act of acts) {
+      out.push(act);
+      if (act.type === 'setResource') work.resources.set(r.id, { ...r, rec: act.next });
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- nodes
+
+function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
+  const now = view.nowMs;
+  const st = n.status;
+  const incarnation = n.alive?.incarnation ?? n.reg?.incarnation ?? 0;
+  const set = (state: NodeState, reason: string, extra: Partial<NodeStatus> = {}): Action => {
+    const next: NodeStatus = {
+      state,
+      reason,
+      sinceMs: now,
+      incarnation,
+      fenceAttempts: 0,
+      ...extra,
+    };
+    return {
+      type: 'setNode',
+      node: n.name,
+      next,
+      event: ev(
+        view,
+        by,
+        'node',
+        n.name,
+        'state',
+        `${n.name}: ${st?.state ?? 'new'} -> ${state}: ${reason}`,
+        {
+          from: st?.state,
+          to: state,
+        },
+      ),
+    };
+  };
+  const upState = (): NodeState => (n.admin.maintenance ? 'maintenance' : 'online');
+  if (!st) {
+    if (n.alive) return [set(upState(), 'joined')];
+    if (n.reg) return [set('offline', n.reg.left ? 'left the cluster cleanly' : 'not running')];
+    return [];
+  }
+  switch (st.state) {
+    case 'online':
+    case 'maintenance': {
+      if (!n.alive) {
+        if (n.reg?.left && n.reg.incarnation === st.incarnation)
+          return [set('offline', 'left the cluster cleanly')];
+        return [
+          set('unknown', `lease expired: no renewal for ${view.timings.leaseTtlMs} ms`, {
+            lostAtMs: now,
+            incarnation: st.incarnation,
+          }),
+        ];
+      }
+      if (n.alive.incarnation !== st.incarnation)
+        return [set(upState(), 'agent restarted (new incarnation)')];
+      if (upState() !== st.state)
+        return [set(upState(), n.admin.maintenance ? 'maintenance on' : 'maintenance off')];
+      return [];
+    }
+    case 'unknown': {
+      if (n.alive) return [set(upState(), 'lease renewed by a new incarnation before fencing')];
+      if (!view.flags.armed) {
+        const reason = 'cluster disarmed: not fencing';
+        return st.reason === reason
+          ? []
+          : [set('unknown', reason, { lostAtMs: st.lostAtMs, incarnation: st.incarnation })];
+      }
+      const delayMs = twoNodeFenceDelayMs(view, n.name);
+      const lostAtMs = st.lostAtMs ?? st.sinceMs;
+      if (now < lostAtMs + delayMs) return [];
+      return [
+        set(
+          'fencing',
+          n.fenceDevices > 0
+            ? 'running fence devices'
+            : 'no fence device: waiting for the self-fence deadline',
+          {
+            lostAtMs,
+            incarnation: st.incarnation,
+            nextFenceAtMs: now,
+          },
+        ),
+      ];
+    }
+    case 'fencing':
+      return decideFencing(view, n, st, by, set);
+    case 'fenced':
+    case 'offline':
+      return n.alive ? [set(upState(), st.state === 'fenced' ? 'rejoined after fencing' : 'joined')] : [];
+    default:
+      return assertNever(st.state, 'node state');
+  }
+}
+
+function decideFencing(
+  view: ClusterView,
+  n: NodeView,
+  st: NodeStatus,
+  by: string,
+  set: (state: NodeState, reason: string, extra?: Partial<NodeStatus>) => Action,
+): Action[] {
+  const now = view.nowMs;
+  const t = view.timings;
+  const lostAtMs = st.lostAtMs ?? st.sinceMs;
+  const inFlight = view.fencing.has(n.name);
+  const keep = { lostAtMs, incarnation: st.incarnation };
+  const f = n.fence;
+  if (f && f.ok && f.incarnation === st.incarnation && f.atMs >= lostAtMs) {
+    return [set('fenced', `fenced by ${f.device}`, keep)];
+  }
+  if (inFlight) return [];
+  if (n.alive)
+    return [set(n.admin.maintenance ? 'maintenance' : 'online', 'lease renewed by a new incarnation')];
+  if (!view.flags.armed) return [set('unknown', 'cluster disarmed: not fencing', keep)];
+  if (n.fenceDevices === 0) {
+    // The agent self-fences before its lease can expire; we saw the lease gone at lostAtMs,
+    // so its resources are down by then plus the time a kill takes (the margin).
+    const deadlineMs = lostAtMs + t.noDeviceFenceMarginMs;
+    if (now < deadlineMs) return [];
+    const record = {
+      node: n.name,
+      incarnation: st.incarnation,
+      ok: true,
+      device: 'self-fence deadline',
+      atMs: now,
+      term: view.term,
+    };
+    return [
+      {
+        type: 'fenceRecord',
+        record,
+        event: ev(
+          view,
+          by,
+          'fence',
+          n.name,
+          'fence-ok',
+          `${n.name}: fenced by self-fence deadline (no device)`,
+        ),
+      },
+      set('fenced', 'fenced by self-fence deadline (no device)', keep),
+    ];
+  }
+  if (now < (st.nextFenceAtMs ?? 0)) return [];
+  const attempt = st.fenceAttempts + 1;
+  const backoffMs = Math.min(t.fenceRetryBackoffMaxMs, t.fenceRetryBackoffMs * 2 ** (attempt - 1));
+  const next = set(
+    'fencing',
+    attempt === 1 ? 'running fence devices' : `retrying fence devices (attempt ${attempt})`,
+    {
+      ...keep,
+      fenceAttempts: attempt,
+      nextFenceAtMs: now + t.fenceTimeoutMs + backoffMs,
+    },
+  );
+  return [
+    next,
+    {
+      type: 'fence',
+      node: n.name,
+      incarnation: st.incarnation,
+      deadlineMs: now + t.fenceTimeoutMs,
+      event: ev(view, by, 'fence', n.name, 'fence-start', `${n.name}: fencing (attempt ${attempt})`),
+    },
+  ];
+}
+
+/** Two-node clusters: delay fencing a node that runs higher-priority work than ours. */
+function twoNodeFenceDelayMs(view: ClusterView, node: string): number {
+  if (view.nodes.size !== 2 || node === view.self) return 0;
+  const top = (n: string): number => {
+    let p = -Infinity;
+    for (const r of view.resources.values())
+      if (r.rec?.node === n && r.spec) p = Math.max(p, r.spec.priority);
+    return p;
+  };
+  return top(node) > top(view.self) ? view.timings.twoNodeFenceDelayMs : 0;
+}
+
+// ---------------------------------------------------------------- resources
+
+/** Where a resource's current copy stands, as far as safety is concerned. */
+export type CopyState =
+  | 'none' // no node holds it
+  | 'down' // its node is fenced or left cleanly: certainly not running
+  | 'unknown' // its node went silent: maybe running, must be fenced first
+  | 'pending' // the agent has not yet reported on the current epoch
+  | 'starting'
+  | 'running'
+  | 'stopping'
+  | 'stopped'
+  | 'failed';
+
+export function copyState(view: ClusterView, r: ResourceView): CopyState {
+  const rec = r.rec;
+  if (!rec || !rec.node) return 'none';
+  const n = view.nodes.get(rec.node);
+  const ns = n?.status?.state;
+  if (!n || ns === undefined) return 'unknown';
+  switch (ns) {
+    case 'fenced':
+    case 'offline':
+      return 'down';
+    case 'unknown':
+    case 'fencing':
+      return 'unknown';
+    case 'online':
+    case 'maintenance': {
+      const s = r.statuses.get(rec.node);
+      if (!s || s.epoch !== rec.epoch) return 'pending';
+      switch (s.state) {
+        case 'started':
+          return 'running';
+        case 'starting':
+        case 'stopping':
+        case 'stopped':
+        case 'failed':
+          return s.state;
+        default:
+          return assertNever(s.state, 'agent status');
+      }
+    }
+    default:
+      return assertNever(ns, 'node state');
+  }
+}
+
+function decideResource(view: ClusterView, r: ResourceView, used: Usage, by: string): Action[] {
+  const now = view.nowMs;
+  const spec = r.spec;
+  const rec: ResourceRecord = r.rec ?? {
+    id: r.id,
+    state: 'stopped',
+    reason: 'defined',
+    node: null,
+    run: false,
+    epoch: 0,
+    sinceMs: now,
+    failures: [],
+    relocations: 0,
+  };
+  const copy = copyState(view, r);
+  const out: Action[] = [];
+  const write = (patch: Partial<ResourceRecord>, message?: string): Action[] => {
+    const next: ResourceRecord = { ...rec, ...patch };
+    if (next.state !== rec.state || next.reason !== rec.reason) next.sinceMs = now;
+    assertSafeTransition(rec, next, copy);
+    if (sameRecord(next, rec) && r.rec) return out;
+    if (next.node !== rec.node && spec) {
+      if (rec.node && rec.state !== 'stopped' && rec.state !== 'failed') release(used, rec.node, spec);
+      if (next.node && next.state !== 'stopped' && next.state !== 'failed') charge(used, next.node, spec);
+    }
+    const event = message
+      ? ev(view, by, 'resource', r.id, 'state', `${r.id}: ${message}`, {
+          from: rec.state,
+          to: next.state,
+          epoch: next.epoch,
+        })
+      : undefined;
+    out.push({ type: 'setResource', id: r.id, prev: r.rec, next, event });
+    return out;
+  };
+
+  // ---- not wanted: stop it, wherever it is
+  const stopWhy = !spec
+    ? 'deleted'
+    : spec.desired === 'stopped'
+      ? 'stopped by operator'
+      : view.flags.halted
+        ? 'cluster halted'
+        : !view.flags.appsEnabled
+          ? 'applications disabled (cluster formed with --no-apps)'
+          : undefined;
+  if (stopWhy) {
+    switch (copy) {
+      case 'none':
+      case 'down':
+      case 'stopped':
+      case 'failed':
+        if (!spec) {
+          out.push({
+            type: 'deleteResource',
+            id: r.id,
+            event: ev(view, by, 'resource', r.id, 'deleted', `${r.id}: undefined and stopped`),
+          });
+          return out;
+        }
+        return write({ state: 'stopped', reason: stopWhy, node: null, run: false }, `stopped (${stopWhy})`);
+      case 'unknown':
+        return write({
+          state: 'stopping',
+          reason: `${stopWhy}; waiting for ${rec.node} to be fenced`,
+          run: false,
+        });
+      case 'pending':
+      case 'starting':
+      case 'running':
+      case 'stopping':
+        return write(
+          { state: 'stopping', reason: stopWhy, run: false },
+          `stopping on ${rec.node} (${stopWhy})`,
+        );
+      default:
+        return assertNever(copy, 'copy state');
+    }
+  }
+  invariant(spec, 'spec present when wanted');
+
+  // ---- failure bookkeeping: quiet periods heal, cleanup clears at once
+  let failures = rec.failures.filter((f) => now - f.atMs < view.timings.failureExpiryMs);
+  if (r.cleanup) {
+    out.push({ type: 'consumeCleanup', id: r.id });
+    failures = [];
+  }
+  const healed = failures.length !== rec.failures.length || r.cleanup !== undefined;
+  if (rec.state === 'failed') {
+    if (failures.length > 0 && !r.cleanup) {
+      if (copy === 'running' || copy === 'starting' || copy === 'pending')
+        return write({ run: false, state: 'failed' }, `stopping failed copy on ${rec.node}`);
+      return failures.length !== rec.failures.length ? write({ failures }) : out;
+    }
+    // failures expired or were cleaned up: try again from scratch
+    return placeNew(
+      view,
+      r,
+      { ...rec, failures, relocations: 0 },
+      used,
+      write,
+      healed ? 'failures cleared' : '',
+    );
+  }
+  const base: ResourceRecord = { ...rec, failures };
+
+  switch (copy) {
+    case 'running': {
+      const node = rec.node as string;
+      if (rec.state !== 'started')
+        return write({ failures, state: 'started', reason: `running on ${node}` }, `started on ${node}`);
+      const nodeView = view.nodes.get(node);
+      if (nodeView?.status?.state === 'maintenance')
+        return write(
+          { state: 'stopping', run: false, reason: `moving off ${node} (maintenance)` },
+          `moving off ${node}: maintenance`,
+        );
+      if (spec.preferredNode && spec.preferredNode !== node) {
+        const p = place(view, spec, used, { avoid: new Set([node]) });
+        if (p.ok && p.node === spec.preferredNode)
+          return write(
+            { state: 'stopping', run: false, reason: `moving to ${p.node} (preferred node)` },
+            `moving to ${p.node}`,
+          );
+      }
+      return failures.length !== rec.failures.length ? write({ failures }) : out;
+    }
+    case 'pending':
+    case 'starting':
+      if (!rec.run) return write({ state: 'stopping' });
+      return rec.state === 'starting' ? out : write({ failures, state: 'starting' });
+    case 'stopping':
+      return rec.state === 'stopping' ? out : write({ failures, state: 'stopping' });
+    case 'failed': {
+      const node = rec.node as string;
+      const s = r.statuses.get(node);
+      return onFailure(view, r, base, node, s?.reason ?? 'failed', used, write);
+    }
+    case 'stopped': {
+      const node = rec.node as string;
+      if (rec.run) {
+        // the agent stopped it without being asked (it rejoined after a self-fence): run it again
+        return placeNew(view, r, base, used, write, `not running on ${node} (agent rejoined)`, node);
+      }
+      const moving = rec.reason.startsWith('moving');
+      return placeNew(
+        view,
+        r,
+        base,
+        used,
+        write,
+        rec.reason,
+        moving ? null : node,
+        moving ? new Set([node]) : undefined,
+      );
+    }
+    case 'unknown': {
+      const why = view.flags.armed
+        ? `${rec.node} lost; waiting for fence before recovery`
+        : `${rec.node} lost; cluster disarmed: not recovering`;
+      return rec.state === 'recovering' && rec.reason === why
+        ? out
+        : write({ failures, state: 'recovering', reason: why }, why);
+    }
+    case 'down': {
+      const node = rec.node as string;
+      if (!view.flags.armed)
+        return write({
+          failures,
+          state: 'recovering',
+          reason: `${node} down; cluster disarmed: not recovering`,
+        });
+      const how = view.nodes.get(node)?.status?.reason ?? 'down';
+      return placeNew(view, r, base, used, write, `recovered from ${node} (${how})`, null, new Set([node]));
+    }
+    case 'none':
+      return placeNew(view, r, base, used, write, rec.reason === 'defined' ? 'defined' : '', rec.node);
+    default:
+      return assertNever(copy, 'copy state');
+  }
+}
+
+type Write = (patch: Partial<ResourceRecord>, message?: string) => Action[];
+
+function placeNew(
+  view: ClusterView,
+  r: ResourceView,
+  rec: ResourceRecord,
+  used: Usage,
+  write: Write,
+  why: string,
+  sticky: string | null = null,
+  avoid?: Set<string>,
+): Action[] {
+  const spec = r.spec;
+  invariant(spec, 'placing needs a spec');
+  if (!view.flags.armed && rec.node !== null && rec.state !== 'stopped')
+    return write({ state: 'recovering', reason: 'cluster disarmed: not recovering' });
+  const p = place(view, spec, used, { sticky, avoid });
+  if (!p.ok) {
+    const reason = p.why;
+    if (rec.state === 'stopped' && rec.reason === reason && rec.node === null) return [];
+    return write({ ...rec, state: 'stopped', node: null, run: false, reason }, `cannot place: ${reason}`);
+  }
+  const detail = why ? `${why}; ` : '';
+  return write(
+    {
+      ...rec,
+      state: 'starting',
+      node: p.node,
+      run: true,
+      epoch: rec.epoch + 1,
+      reason: `placed on ${p.node} (${detail}${p.why})`,
+    },
+    `placed on ${p.node} (${detail}${p.why})`,
+  );
+}
+
+function onFailure(
+  view: ClusterView,
+  r: ResourceView,
+  rec: ResourceRecord,
+  node: string,
+  reason: string,
+  used: Usage,
+  write: Write,
+): Action[] {
+  const spec = r.spec;
+  invariant(spec, 'failure handling needs a spec');
+  const now = view.nowMs;
+  const policy = spec.restart;
+  const mark: FailureMark = { node, atMs: now, reason };
+  const failures = [...rec.failures, mark].slice(-50);
+  const inWindow = failures.filter((f) => now - f.atMs < policy.windowMs);
+  const onNode = inWindow.filter((f) => f.node === node).length;
+  if (!view.flags.armed) {
+    return write({
+      failures,
+      state: 'failed',
+      run: false,
+      reason: `failed on ${node}: ${reason} (cluster disarmed: not restarting)`,
+    });
+  }
+  if (onNode <= policy.maxRestarts) {
+    return write(
+      {
+        failures,
+        state: 'starting',
+        run: true,
+        epoch: rec.epoch + 1,
+        reason: `restart ${onNode}/${policy.maxRestarts} on ${node} after: ${reason}`,
+      },
+      `restarting on ${node} (${onNode}/${policy.maxRestarts}) after: ${reason}`,
+    );
+  }
+  if (rec.relocations < policy.maxRelocations) {
+    const exhausted = new Set(
+      inWindow
+        .filter((f) => inWindow.filter((g) => g.node === f.node).length > policy.maxRestarts)
+        .map((f) => f.node),
+    );
+    exhausted.add(node);
+    const p = place(view, spec, used, { avoid: exhausted });
+    if (p.ok) {
+      return write(
+        {
+          failures,
+          state: 'starting',
+          node: p.node,
+          run: true,
+          epoch: rec.epoch + 1,
+          relocations: rec.relocations + 1,
+          reason: `relocated from ${node} after ${onNode} failures: ${reason}`,
+        },
+        `relocating ${node} -> ${p.node} after ${onNode} failures: ${reason}`,
+      );
+    }
+  }
+  return write(
+    {
+      failures,
+      state: 'failed',
+      run: false,
+      reason: `failed: restart limit reached (${onNode} failures on ${node} within ${policy.windowMs} ms): ${reason}`,
+    },
+    `failed: restart limit reached on ${node}: ${reason}`,
+  );
+}
+
+/** The safety invariant, asserted before every write: never a second copy. */
+function assertSafeTransition(prev: ResourceRecord, next: ResourceRecord, copy: CopyState): void {
+  invariant(
+    next.epoch >= prev.epoch,
+    () => `${next.id}: epoch must not shrink (${prev.epoch} -> ${next.epoch})`,
+  );
+  if (next.run && next.node !== null && next.node !== prev.node && prev.node !== null) {
+    invariant(
+      copy === 'down' || copy === 'stopped' || copy === 'failed' || copy === 'none',
+      () => `${next.id}: placed on ${next.node} while its copy on ${prev.node} is ${copy}`,
+    );
+    invariant(next.epoch > prev.epoch, () => `${next.id}: a new placement needs a new epoch`);
+  }
+  if (next.run && next.epoch !== prev.epoch) {
+    invariant(
+      copy !== 'running' && copy !== 'unknown' && copy !== 'starting',
+      () => `${next.id}: new epoch while copy ${copy}`,
+    );
+  }
+}
+
+function sameRecord(a: ResourceRecord, b: ResourceRecord): boolean {
+  return (
+    a.state === b.state &&
+    a.reason === b.reason &&
+    a.node === b.node &&
+    a.run === b.run &&
+    a.epoch === b.epoch &&
+    a.relocations === b.relocations &&
+    a.failures.length === b.failures.length
+  );
+}
+
+function ev(
+  view: ClusterView,
+  by: string,
+  kind: ClusterEvent['kind'],
+  object: string,
+  action: string,
+  message: string,
+  extra: Partial<ClusterEvent> = {},
+): ClusterEvent {
+  return { atMs: view.nowMs, kind, object, action, message, by, term: view.term, ...extra };
+}
+
+function byName(a: { name: string }, b: { name: string }): number {
+  return a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+}

@@ -1,0 +1,74 @@
+// The one door to the world for the agent and the manager (STYLE habit 2). Production:
+// src/env/node.ts (real clock, real store, real processes). Simulation: src/sim/env.ts
+// (virtual clock, simulated store, drivers and fence devices). Agent and manager code
+// never touch Date.now, timers, child_process or the network directly.
+import type { Store } from '../store/types.js';
+import type { Rng } from '../core/rng.js';
+import type { ResourceSpec } from '../core/spec.js';
+
+export interface Env {
+  /** wall-clock ms (virtual in the simulator) */
+  nowMs(): number;
+  /** resolves after ms (virtual in the simulator) */
+  sleep(ms: number): Promise<void>;
+  /** run fn after ms unless cancelled; returns the cancel function */
+  setTimer(ms: number, fn: () => void): () => void;
+  rng: Rng;
+  log(level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void;
+}
+
+/** What a driver observes of one resource on this node. */
+export interface LocalResource {
+  id: string;
+  /** the assignment epoch it was started for */
+  epoch: number;
+  state: 'starting' | 'started' | 'stopping' | 'stopped' | 'failed';
+  reason: string;
+}
+
+export type DriverEvent =
+  /** the resource left the started state on its own: exited, crashed, health check failed */
+  { type: 'failed'; id: string; epoch: number; reason: string };
+
+/**
+ * Runs resources on one node. One implementation per kind (process, qemu, ocf) and a
+ * simulated one. Implementations are idempotent: starting a started resource at the same
+ * epoch or stopping a stopped one succeeds at once.
+ */
+export interface Driver {
+  /** find resources left running by an earlier agent on this node (after a restart) */
+  recover(): Promise<LocalResource[]>;
+  /** start and wait until healthy; resolves with started, or failed and a reason (never throws for expected failures) */
+  start(spec: ResourceSpec, epoch: number): Promise<LocalResource>;
+  /** stop gracefully (signal, timeout, then kill); resolves once it no longer runs */
+  stop(id: string): Promise<LocalResource>;
+  /** kill at once, without grace (self-fence); resolves once it no longer runs */
+  killAll(): Promise<void>;
+  list(): LocalResource[];
+  /** events that happen on their own (crash, health check failure), delivered at once */
+  onEvent(handler: (ev: DriverEvent) => void): void;
+  close(): Promise<void>;
+}
+
+/**
+ * A node-level watchdog (softdog-like): if not fed before its deadline, it kills every
+ * resource of the node. Protects against a frozen or killed agent whose node has no fence device.
+ */
+export interface Watchdog {
+  /** the node's resources may keep running for at most this long from now */
+  feed(allowMs: number): void;
+  /** stop watching (clean shutdown, or cluster disarmed) */
+  disarm(): void;
+  close(): Promise<void>;
+}
+
+export type FenceOutcome =
+  | { ok: true; device: string; durationMs: number }
+  | { ok: false; attempts: { device: string; error: string }[]; durationMs: number };
+
+/** Runs a node's fence devices in the configured order until one succeeds. */
+export interface Fencer {
+  /** number of devices configured for the node (0: fall back to the self-fence deadline) */
+  deviceCount(node: string): number;
+  fence(node: string, deadlineMs: number): Promise<FenceOutcome>;
+}

@@ -1,0 +1,296 @@
+// The manager loop: runs inside every agent; only the holder of the leader key acts.
+// Each round: one consistent read, decide() (pure), then one guarded txn that applies
+// every decision only if this manager still leads and nothing it read has changed.
+// Fencing runs in the background and writes its outcome as a fence record.
+import type { Env, Fencer } from '../env/types.js';
+import type { Store, TxnOp, Compare } from '../store/types.js';
+import { StoreError } from '../store/types.js';
+import { keys as keysOf, type Keys } from '../core/keys.js';
+import { decide } from '../core/decide.js';
+import { invariant } from '../core/errors.js';
+import type { Action, ClusterEvent, ClusterView, FenceRecord, Timings } from '../core/types.js';
+import { loadSnapshot, type LeaderRecord, type Snapshot } from './load.js';
+
+export const managerLimits = {
+  /** a round runs at least this often, so time-based transitions happen without store events */
+  tickEveryMs: 250,
+  /** ops in one txn; larger rounds are split (each part still guarded by leadership) */
+  txnOpsMax: 256,
+  /** events kept in the store; older ones are trimmed */
+  eventsMax: 5000,
+  /** trim the event log every this many rounds */
+  trimEveryRounds: 200,
+};
+
+export interface ManagerOptions {
+  env: Env;
+  store: Store;
+  cluster: string;
+  self: string;
+  timings: Timings;
+  fencer: Fencer;
+  /** the node's current lease; leadership is bound to it. undefined while the node has none */
+  lease: () => number | undefined;
+  /** notified of every event this manager writes (logging) */
+  onEvent?: (e: ClusterEvent) => void;
+}
+
+export class Manager {
+  private readonly k: Keys;
+  private leaderModRevision = 0;
+  private term = 0;
+  private readonly fencing = new Set<string>();
+  private stopped = false;
+  private wake: (() => void) | undefined;
+  private rounds = 0;
+  private eventSeq = 0;
+  private lastLeaseId: number | undefined;
+
+  constructor(private readonly o: ManagerOptions) {
+    this.k = keysOf(o.cluster);
+  }
+
+  isLeader(): boolean {
+    return this.leaderModRevision !== 0;
+  }
+
+  currentTerm(): number {
+    return this.term;
+  }
+
+  /** ask for a round as soon as possible (store change seen) */
+  poke(): void {
+    this.wake?.();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.poke();
+  }
+
+  async run(): Promise<void> {
+    while (!this.stopped) {
+      try {
+        await this.round();
+      } catch (e) {
+        if (e instanceof StoreError) {
+          this.leaderModRevision = 0;
+          this.o.env.log('warn', 'manager round failed on the store', { error: e.message });
+        } else {
+          throw e;
+        }
+      }
+      if (this.stopped) break;
+      await new Promise<void>((resolve) => {
+        const cancel = this.o.env.setTimer(managerLimits.tickEveryMs, () => {
+          this.wake = undefined;
+          resolve();
+        });
+        this.wake = () => {
+          cancel();
+          this.wake = undefined;
+          resolve();
+        };
+      });
+    }
+  }
+
+  /** One round: lead (or try to), read, decide, apply. */
+  async round(): Promise<void> {
+    const lease = this.o.lease();
+    if (lease === undefined) {
+      this.leaderModRevision = 0;
+      return;
+    }
+    if (lease !== this.lastLeaseId) {
+      this.lastLeaseId = lease;
+      this.leaderModRevision = 0;
+    }
+    const snap = await loadSnapshot(this.o.store, this.o.cluster);
+    if (!this.checkLeadership(snap)) {
+      await this.campaign(snap, lease);
+      return;
+    }
+    for (const c of snap.corrupt) this.o.env.log('warn', 'unreadable record ignored', c);
+    const view = this.viewOf(snap);
+    const actions = decide(view);
+    await this.apply(snap, actions);
+    if (++this.rounds % managerLimits.trimEveryRounds === 0) await this.trimEvents();
+  }
+
+  private checkLeadership(snap: Snapshot): boolean {
+    const l = snap.leader;
+    const mine = l !== undefined && l.node === this.o.self && l.modRevision === this.leaderModRevision;
+    if (!mine) this.leaderModRevision = 0;
+    return mine;
+  }
+
+  private async campaign(snap: Snapshot, lease: number): Promise<void> {
+    if (snap.leader) return; // someone leads; their lease decides how long
+    const term = snap.term + 1;
+    const rec: LeaderRecord = { node: this.o.self, term, sinceMs: this.o.env.nowMs() };
+    const r = await this.o.store.txn({
+      compare: [
+        { key: this.k.leader, target: 'createRevision', op: '==', value: 0 },
+        { key: this.k.term, target: 'modRevision', op: '==', value: snap.termModRevision },
+      ],
+      success: [
+        { type: 'put', key: this.k.leader, value: JSON.stringify(rec), lease },
+        { type: 'put', key: this.k.term, value: String(term) },
+      ],
+    });
+    if (!r.succeeded) return;
+    invariant(term > this.term, 'leader term must grow');
+    this.term = term;
+    this.leaderModRevision = r.revision;
+    const e: ClusterEvent = {
+      atMs: this.o.env.nowMs(),
+      kind: 'leader',
+      object: this.o.self,
+      action: 'elected',
+      message: `${this.o.self} leads (term ${term})`,
+      by: `manager@${this.o.self}`,
+      term,
+    };
+    await this.o.store.put(this.eventKey(e), JSON.stringify(e)).catch(() => undefined);
+    this.o.onEvent?.(e);
+    this.poke();
+  }
+
+  private viewOf(snap: Snapshot): ClusterView {
+    for (const n of snap.nodes.values()) n.fenceDevices = this.o.fencer.deviceCount(n.name);
+    return {
+      nowMs: this.o.env.nowMs(),
+      term: this.term,
+      timings: this.o.timings,
+      flags: snap.flags,
+      self: this.o.self,
+      nodes: snap.nodes,
+      resources: snap.resources,
+      fencing: new Set(this.fencing),
+    };
+  }
+
+  private leaderGuard(): Compare {
+    return { key: this.k.leader, target: 'modRevision', op: '==', value: this.leaderModRevision };
+  }
+
+  private async apply(snap: Snapshot, actions: Action[]): Promise<void> {
+    if (actions.length === 0) return;
+    const compare: Compare[] = [this.leaderGuard()];
+    const ops: TxnOp[] = [];
+    const events: ClusterEvent[] = [];
+    const fences: Extract<Action, { type: 'fence' }>[] = [];
+    const guard = (key: string) =>
+      compare.push({ key, target: 'modRevision', op: '==', value: snap.modRevisions.get(key) ?? 0 });
+    for (const a of actions) {
+      switch (a.type) {
+        case 'setNode':
+          guard(this.k.nodeStatus(a.node));
+          ops.push({ type: 'put', key: this.k.nodeStatus(a.node), value: JSON.stringify(a.next) });
+          events.push(a.event);
+          break;
+        case 'fence':
+          fences.push(a);
+          events.push(a.event);
+          break;
+        case 'fenceRecord':
+          guard(this.k.fence(a.record.node));
+          ops.push({ type: 'put', key: this.k.fence(a.record.node), value: JSON.stringify(a.record) });
+          events.push(a.event);
+          break;
+        case 'setResource': {
+          const prev = a.prev;
+          if (prev) invariant(a.next.epoch >= prev.epoch, `${a.id}: epoch must not shrink`);
+          guard(this.k.assign(a.id));
+          // A new epoch is only safe while the old copy's evidence stands: the old node's
+          // report and lease must be exactly what we read (an agent that just rejoined and
+          // claimed the resource invalidates this round).
+          if (prev?.node && (a.next.epoch !== prev.epoch || a.next.node !== prev.node)) {
+            guard(this.k.status(prev.node, a.id));
+            guard(this.k.alive(prev.node));
+          }
+          ops.push({ type: 'put', key: this.k.assign(a.id), value: JSON.stringify(a.next) });
+          if (a.event) events.push(a.event);
+          break;
+        }
+        case 'deleteResource':
+          guard(this.k.assign(a.id));
+          ops.push({ type: 'delete', key: this.k.assign(a.id) });
+          events.push(a.event);
+          break;
+        case 'consumeCleanup':
+          ops.push({ type: 'delete', key: this.k.cleanup(a.id) });
+          break;
+      }
+    }
+    for (const e of events) ops.push({ type: 'put', key: this.eventKey(e), value: JSON.stringify(e) });
+    // One txn keeps a round atomic; a huge round is split, each part guarded the same way.
+    for (let i = 0; i < ops.length; i += managerLimits.txnOpsMax) {
+      const part = ops.slice(i, i + managerLimits.txnOpsMax);
+      const r = await this.o.store.txn({ compare: i === 0 ? compare : [this.leaderGuard()], success: part });
+      if (!r.succeeded) return; // something changed under us (or we lost the lead): decide again
+    }
+    for (const e of events) this.o.onEvent?.(e);
+    for (const f of fences) void this.runFence(f.node, f.incarnation, f.deadlineMs);
+  }
+
+  private async runFence(node: string, incarnation: number, deadlineMs: number): Promise<void> {
+    if (this.fencing.has(node)) return;
+    this.fencing.add(node);
+    try {
+      const out = await this.o.fencer.fence(node, deadlineMs);
+      const now = this.o.env.nowMs();
+      const record: FenceRecord = out.ok
+        ? { node, incarnation, ok: true, device: out.device, atMs: now, term: this.term }
+        : {
+            node,
+            incarnation,
+            ok: false,
+            device: out.attempts.map((a) => a.device).join(', ') || 'none',
+            error: out.attempts.map((a) => `${a.device}: ${a.error}`).join('; '),
+            atMs: now,
+            term: this.term,
+          };
+      const e: ClusterEvent = {
+        atMs: now,
+        kind: 'fence',
+        object: node,
+        action: out.ok ? 'fence-ok' : 'fence-failed',
+        message: out.ok
+          ? `${node}: fenced by ${record.device} in ${out.durationMs} ms`
+          : `${node}: every fence device failed (${record.error}); recovery waits, retrying with back-off`,
+        by: `manager@${this.o.self}`,
+        term: this.term,
+      };
+      await this.o.store.txn({
+        compare: [this.leaderGuard()],
+        success: [
+          { type: 'put', key: this.k.fence(node), value: JSON.stringify(record) },
+          { type: 'put', key: this.eventKey(e), value: JSON.stringify(e) },
+        ],
+      });
+      this.o.onEvent?.(e);
+    } catch (e) {
+      this.o.env.log('warn', 'fence outcome not recorded', { node, error: (e as Error).message });
+    } finally {
+      this.fencing.delete(node);
+      this.poke();
+    }
+  }
+
+  private eventKey(e: ClusterEvent): string {
+    this.eventSeq = (this.eventSeq + 1) % 1_000_000;
+    return this.k.event(e.atMs, `m.${this.o.self}`, this.eventSeq);
+  }
+
+  private async trimEvents(): Promise<void> {
+    const all = await this.o.store.range(this.k.events);
+    const surplus = all.kvs.length - managerLimits.eventsMax;
+    if (surplus <= 0) return;
+    const ops: TxnOp[] = all.kvs.slice(0, surplus).map((kv) => ({ type: 'delete', key: kv.key }));
+    for (let i = 0; i < ops.length; i += managerLimits.txnOpsMax) {
+      await this.o.store.txn({ compare: [], success: ops.slice(i, i + managerLimits.txnOpsMax) });
+    }
+  }
+}
