@@ -486,6 +486,17 @@ export function storeConformance(name: string, open: () => Promise<OpenedStore>)
         );
       });
 
+      it('a put without a lease detaches the key from its lease', t, async () => {
+        const p = uniquePrefix('detach');
+        const id = await s.leaseGrant(leaseTtlMs * 5);
+        await s.put(`${p}k`, 'leased', { lease: id });
+        await s.put(`${p}k`, 'free');
+        assert.equal((await s.get(`${p}k`))?.lease, 0);
+        assert.deepEqual((await s.leaseInfo(id))?.keys, []);
+        await s.leaseRevoke(id);
+        assert.equal((await s.get(`${p}k`))?.value, 'free', 'revoking the lease leaves the detached key');
+      });
+
       it('unknown leases: keepAlive, revoke, put and txn put fail with LEASE_NOT_FOUND', t, async () => {
         const p = uniquePrefix('nolease');
         const unknown = 987_654_321;

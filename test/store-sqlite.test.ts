@@ -4,7 +4,7 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -237,6 +237,22 @@ describe('sqlite store: files, errors, limits', () => {
       'foreign database',
     );
     assert.match(err2.message, /another program.*people/);
+
+    // a real store whose pages were overwritten: the first call that reads them says so
+    const damaged = join(dir, 'damaged.db');
+    const s = await openStore(`sqlite:${damaged}`);
+    for (let i = 0; i < 200; i++) await s.put(`k${i}`, 'v'.repeat(500));
+    await s.close(); // the last connection checkpoints the WAL into the file
+    const fd = openSync(damaged, 'r+');
+    writeSync(fd, Buffer.alloc(8192, 0x5a), 0, 8192, 4096 * 3);
+    closeSync(fd);
+    const s2 = await openStore(`sqlite:${damaged}`);
+    try {
+      const err3 = await rejectsWith(s2.range('k'), 'CORRAL_STORE_CORRUPT', 'damaged pages');
+      assert.ok(err3.message.includes(damaged), err3.message);
+    } finally {
+      await s2.close();
+    }
   });
 
   it('a path in a missing directory is a clear error', async () => {

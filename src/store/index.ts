@@ -12,9 +12,6 @@ export * from './types.js';
 
 export const storeUrlForms = 'sqlite:PATH, sqlite::memory: or etcd://HOST:PORT[,HOST:PORT...]';
 
-/** the etcd backend's entry (src/store/etcd.ts) */
-type OpenEtcdStore = (endpoints: string[], opts?: StoreOptions) => Promise<Store>;
-
 function badUrl(url: unknown, why: string, hint?: string): StoreError {
   return new StoreError(
     'CORRAL_STORE_BAD_URL',
@@ -82,14 +79,7 @@ export function parseStoreUrl(url: string): ParsedStoreUrl {
 export async function openStore(url: string, opts: StoreOptions = {}): Promise<Store> {
   const p = parseStoreUrl(url);
   if (p.kind === 'sqlite') return openSqliteStore(p.path, opts);
-  // loaded on demand so sqlite users never load the gRPC stack; a variable specifier keeps the
-  // type-checker from requiring the module's presence
-  const etcdModule = './etcd.js';
-  const mod = (await import(etcdModule)) as { openEtcdStore?: OpenEtcdStore };
-  if (typeof mod.openEtcdStore !== 'function')
-    throw new StoreError(
-      'CORRAL_STORE_UNAVAILABLE',
-      `${url}: the etcd backend is not available in this build`,
-    );
+  // loaded on demand, so sqlite users never load the gRPC stack
+  const mod = await import('./etcd.js');
   return mod.openEtcdStore(p.endpoints, opts);
 }
