@@ -8,6 +8,7 @@ command -v etcd >/dev/null || need+=(etcd-server etcd-client)
 command -v ip >/dev/null || need+=(iproute2)
 command -v sfdisk >/dev/null || need+=(fdisk)
 command -v zstd >/dev/null || need+=(zstd)
+command -v fence_dummy >/dev/null || [ -x /usr/sbin/fence_dummy ] || need+=(fence-agents)
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
   apt-get update -qq
