@@ -332,3 +332,28 @@ test('an adopted process is stopped with its own stop settings', async (t) => {
   assert.match(r.reason, /SIGKILL after SIGTERM and stopTimeoutMs 200 ms/);
   assert.equal(isAlive(pid), false);
 });
+
+test('stop() or killAll() during a start: the start is aborted and nothing keeps running', async (t) => {
+  const { dir, make } = setup(t);
+  const d = make();
+  const { port, spec: slow } = await echoSpec('slow', ['--delay-listen-ms', '3000']);
+  const starting = d.start(slow, 1);
+  await new Promise((r) => setTimeout(r, 150));
+  const pid = readPidfile(dir, 'slow')?.pid;
+  assert.ok(pid && isAlive(pid), 'spawned and recorded before it is healthy');
+  const stopped = await d.stop('slow');
+  assert.equal(stopped.state, 'stopped');
+  const r = await starting;
+  assert.equal(r.state, 'failed');
+  assert.match(r.reason, /start aborted: stopped while starting/);
+  assert.equal(isAlive(pid), false);
+
+  const starting2 = d.start(slow, 2);
+  const killing = d.killAll(); // at once: before or right after the spawn
+  await killing;
+  const r2 = await starting2;
+  assert.equal(r2.state, 'failed', r2.reason);
+  await new Promise((res) => setTimeout(res, 200));
+  assert.equal(readPidfile(dir, 'slow'), null);
+  await assert.rejects(get(port));
+});

@@ -238,6 +238,17 @@ export class ProcessDriver implements Driver {
       return this.failStart(e, `cannot execute ${cmd}: ${(err as Error).message}`);
     }
     closeSync(fd);
+    if (child.pid !== undefined) {
+      // the child exists from here on: record it at once, so stop(), killAll() and the watchdog see it
+      child.unref();
+      e.child = child;
+      e.pid = child.pid;
+      e.pgid = child.pid;
+      e.startedAtMs = Date.now();
+      e.startTime = readProcStat(child.pid)?.startTime ?? 0;
+      child.on('exit', (code, signal) => this.onLeaderExit(e, code, signal));
+      this.writeEntryPidfile(e);
+    }
     const spawned = await new Promise<string | null>((resolve) => {
       child.once('spawn', () => resolve(null));
       child.once('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
@@ -246,14 +257,6 @@ export class ProcessDriver implements Driver {
       const hint = spawned === 'ENOENT' ? ' (no such file: command not found)' : '';
       return this.failStart(e, `cannot execute ${cmd}: ${spawned ?? 'no pid'}${hint}`);
     }
-    child.unref();
-    e.child = child;
-    e.pid = child.pid;
-    e.pgid = child.pid;
-    e.startedAtMs = Date.now();
-    child.on('exit', (code, signal) => this.onLeaderExit(e, code, signal));
-    e.startTime = readProcStat(child.pid)?.startTime ?? 0;
-    this.writeEntryPidfile(e);
     if (!this.current(e)) return this.aborted(e);
     return this.awaitStarted(e);
   }
