@@ -2,7 +2,7 @@
 // Every member runs under `setpriv --pdeathsig KILL`, so it dies with the test process even
 // when that one is SIGKILLed; stop() (and process exit) kills members and removes data dirs.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, existsSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -50,6 +50,20 @@ export function etcdMissing(): string | undefined {
   return undefined;
 }
 
+/** data dirs of test processes that were SIGKILLed (their etcd died with them: pdeathsig) */
+function sweepStaleDataDirs(root: string): void {
+  for (const name of readdirSync(root)) {
+    const pid = Number(/^corral-etcd-(\d+)-/.exec(name)?.[1]);
+    if (!pid || pid === process.pid) continue;
+    try {
+      process.kill(pid, 0);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ESRCH')
+        rmSync(join(root, name), { recursive: true, force: true });
+    }
+  }
+}
+
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = createServer();
@@ -83,7 +97,8 @@ export async function startEtcd(opts: StartEtcdOptions): Promise<EtcdCluster> {
   if (missing) throw new Error(missing);
   installExitHook();
   const root = opts.ramDisk !== false && existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
-  const dataDir = mkdtempSync(join(root, 'corral-etcd-'));
+  sweepStaleDataDirs(root);
+  const dataDir = mkdtempSync(join(root, `corral-etcd-${process.pid}-`));
   const n = opts.members;
   const clientPorts: number[] = [];
   const peerPorts: number[] = [];
