@@ -10,8 +10,8 @@ import { join } from 'node:path';
 import { groupAlive, readPidRecord, recordAlive, signalGroup, startTimeOf } from '../drivers/proc.js';
 import { parseWatchdogCommand, watchdogPaths } from './watchdog-files.js';
 
-/** disarmed and no client for this long: nobody needs us, exit */
-const IDLE_EXIT_MS = 60_000;
+/** disarmed and no client for this long: nobody needs us, exit (the grace lets a restarting agent reconnect) */
+const IDLE_EXIT_MS = 2000;
 /** after SIGKILL, wait at most this long for the groups to vanish before exiting */
 const FIRE_KILL_WAIT_MS = 5000;
 /** a client line longer than this is garbage: drop the client */
@@ -203,6 +203,11 @@ function handle(line: string, sock: Socket): void {
     case 'quit':
       if (deadlineNs !== null) {
         sock.write('error armed: disarm before quit\n');
+        return;
+      }
+      if (clients > 1) {
+        // another agent instance still uses us: it decides when we go
+        sock.end(`ok staying for ${clients - 1} other client(s)\n`);
         return;
       }
       log('quit on request');
