@@ -378,6 +378,42 @@ export function storeConformance(name: string, open: () => Promise<OpenedStore>)
         assert.equal(await s.revision(), r0 + 2);
       });
 
+      it('a branch may not write one key twice (etcd rule)', t, async () => {
+        const p = uniquePrefix('dup');
+        const r0 = await s.revision();
+        const branches: Parameters<Store['txn']>[0]['success'][] = [
+          [
+            { type: 'put', key: `${p}a`, value: '1' },
+            { type: 'put', key: `${p}a`, value: '2' },
+          ],
+          [
+            { type: 'put', key: `${p}a`, value: '1' },
+            { type: 'delete', key: `${p}a` },
+          ],
+          [
+            { type: 'deletePrefix', prefix: p },
+            { type: 'put', key: `${p}a`, value: '1' },
+          ],
+        ];
+        for (const success of branches)
+          await rejectsWith(
+            s.txn({ compare: [], success }),
+            'CORRAL_STORE_BAD_REQUEST',
+            JSON.stringify(success),
+          );
+        assert.equal(await s.revision(), r0, 'nothing written');
+        const ok = await s.txn({
+          compare: [],
+          success: [
+            { type: 'put', key: `${p}a`, value: '1' },
+            { type: 'get', key: `${p}a` },
+            { type: 'delete', key: `${p}b` },
+            { type: 'deletePrefix', prefix: `${p}c/` },
+          ],
+        });
+        assert.equal(ok.succeeded, true, 'reads and disjoint deletes beside a put are fine');
+      });
+
       it('several compares must all hold', t, async () => {
         const p = uniquePrefix('multi');
         await s.put(`${p}a`, '1');

@@ -50,9 +50,9 @@ import {
 } from './types.js';
 
 /** longest a single SQLite call may block the event loop waiting for another process's lock */
-export const sqliteBusyTimeoutMsMax = 50;
+export const sqliteBusyTimeoutMsMax = 20;
 /** upper bound of the random pause between two attempts on a locked file */
-export const busyRetryDelayMsMax = 8;
+export const busyRetryDelayMsMax = 4;
 /** how often each open instance revokes expired leases (and checks auto-compaction) */
 export const leaseSweepIntervalMs = 200;
 /** how often watchers poll the log for writes made by other processes */
@@ -65,6 +65,8 @@ export const logRetainRevisions = 100_000;
 export const autoCompactSlackRevisions = 10_000;
 /** at most this many expired leases are revoked per sweep transaction */
 export const sweepLeasesPerTxnMax = 100;
+/** ops per txn branch: etcd's default --max-txn-ops, so what works here works on etcd */
+export const txnOpsMax = 128;
 /** longest lease a caller may ask for (one day) */
 export const leaseTtlMsMax = 24 * 3600 * 1000;
 const schemaVersion = 1;
@@ -230,6 +232,29 @@ function compareOk(c: Compare, kv: KvRow | undefined): boolean {
       return cmp > 0;
     default:
       throw badRequest('txn compare', `unknown op ${JSON.stringify(c.op)}; use ==, !=, < or >`);
+  }
+}
+
+/** etcd's rules, kept here too: bounded size, and no key written twice in one branch */
+function checkBranch(where: string, ops: TxnOp[]): void {
+  if (ops.length > txnOpsMax)
+    throw badRequest(
+      where,
+      `${ops.length} ops; at most ${txnOpsMax} per branch`,
+      'split it into several txns',
+    );
+  const puts = new Set<string>();
+  for (const op of ops) {
+    if (op?.type !== 'put') continue;
+    if (puts.has(op.key)) throw badRequest(where, `key ${JSON.stringify(op.key)} is put twice`);
+    puts.add(op.key);
+  }
+  for (const op of ops) {
+    const hit =
+      op?.type === 'delete'
+        ? puts.has(op.key)
+        : op?.type === 'deletePrefix' && [...puts].some((k) => k.startsWith(op.prefix));
+    if (hit) throw badRequest(where, `a put and a delete of the same key (${JSON.stringify(op)})`);
   }
 }
 
@@ -527,6 +552,8 @@ export class SqliteStore implements Store {
         throw badRequest('txn', 'request needs compare[] and success[] (failure[] optional)');
       if (req.failure !== undefined && !Array.isArray(req.failure))
         throw badRequest('txn', 'failure must be an array of ops');
+      checkBranch('txn success', req.success);
+      checkBranch('txn failure', req.failure ?? []);
       const writes = [...req.success, ...(req.failure ?? [])].some(
         (o) => o.type !== 'get' && o.type !== 'range',
       );
