@@ -19,6 +19,7 @@
 import { randomBytes } from 'node:crypto';
 import {
   Etcd3,
+  castGrpcError,
   KVClient,
   LeaseClient,
   WatchClient,
@@ -252,6 +253,13 @@ async function withDeadline<T>(p: Promise<T>, ms: number, where: string): Promis
 
 // ---------------------------------------------------------------- members
 
+type UnaryRpc<R> = (
+  params: unknown,
+  metadata: unknown,
+  options: object,
+  cb: (err: (Error & { code?: number }) | null, res?: R) => void,
+) => void;
+
 type KeepAliveStream = IDuplexStream<ILeaseKeepAliveRequest, ILeaseKeepAliveResponse>;
 
 interface PendingKeepAlive {
@@ -273,14 +281,35 @@ class Member {
   constructor(readonly endpoint: string) {
     this.client = new Etcd3(etcdClientOptions(endpoint));
     const pool = (this.client as unknown as { pool: ICallable<unknown> }).pool;
+    const withLeader = <R>(
+      service: Parameters<ICallable<unknown>['withConnection']>[0],
+      fn: Parameters<ICallable<unknown>['withConnection']>[1],
+    ): Promise<R> =>
+      pool.withConnection(service, (args) => {
+        const metadata = args.metadata.clone();
+        metadata.set('hasleader', 'true');
+        return fn({ ...args, metadata }) as R;
+      });
     const requireLeader: ICallable<unknown> = {
-      exec: (s, m, p, o) => pool.exec(s, m, p, o),
-      withConnection: (s, fn) =>
-        pool.withConnection(s, (args) => {
-          const metadata = args.metadata.clone();
-          metadata.set('hasleader', 'true');
-          return fn({ ...args, metadata });
-        }),
+      // unary calls too: etcd's interceptor answers "no leader" at once instead of hanging
+      exec: <R>(
+        service: Parameters<ICallable<unknown>['exec']>[0],
+        method: string,
+        params: unknown,
+        options?: object,
+      ) =>
+        withLeader<R>(
+          service,
+          ({ client, metadata }) =>
+            new Promise<R>((resolve, reject) => {
+              const rpc = (client as unknown as Record<string, UnaryRpc<R>>)[method];
+              invariant(typeof rpc === 'function', `etcd ${service} has no method ${method}`);
+              rpc.call(client, params, metadata, options ?? {}, (err, res) =>
+                err ? reject(castGrpcError(err)) : resolve(res as R),
+              );
+            }),
+        ),
+      withConnection: withLeader,
       markFailed: (r, e) => pool.markFailed(r, e),
       callOptionsFactory: undefined,
     };

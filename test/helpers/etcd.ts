@@ -29,6 +29,10 @@ export interface EtcdCluster {
   readonly dataDir: string;
   /** SIGKILL member i and wait until it has exited */
   kill(i: number): Promise<void>;
+  /** SIGSTOP member i: alive for the kernel (TCP accepts), silent for etcd (a hung member) */
+  pause(i: number): void;
+  /** SIGCONT member i */
+  resume(i: number): void;
   /** kill every member and remove the data dirs; safe to call twice */
   stop(): Promise<void>;
   /** last lines etcd wrote to stderr, for failure messages */
@@ -167,6 +171,12 @@ export async function startEtcd(opts: StartEtcdOptions): Promise<EtcdCluster> {
       if (!p) throw new Error(`no etcd member ${i}`);
       if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
       await withTimeout(exited[i]!, etcdKillWaitMs, `etcd member ${i} did not exit after SIGKILL`);
+    },
+    pause(i) {
+      if (!procs[i]?.kill('SIGSTOP')) throw new Error(`cannot SIGSTOP etcd member ${i}`);
+    },
+    resume(i) {
+      if (!procs[i]?.kill('SIGCONT')) throw new Error(`cannot SIGCONT etcd member ${i}`);
     },
     async stop() {
       if (stopped) return;
