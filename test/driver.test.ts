@@ -357,3 +357,23 @@ test('stop() or killAll() during a start: the start is aborted and nothing keeps
   assert.equal(readPidfile(dir, 'slow'), null);
   await assert.rejects(get(port));
 });
+
+test('a pidfile whose spec no longer validates still gets its process adopted and stoppable', async (t) => {
+  const { dir, make } = setup(t);
+  const d1 = make();
+  const { port, spec: s } = await echoSpec('old');
+  assert.equal((await d1.start(s, 4)).state, 'started');
+  const pid = (await get(port)).pid;
+  await d1.close();
+  const path = join(dir, 'run', 'old.json');
+  const pf = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
+  writeFileSync(path, JSON.stringify({ ...pf, spec: { id: 'old', removedField: true } }));
+  const d2 = make();
+  const rec = await d2.recover();
+  assert.deepEqual(
+    rec.map((r) => [r.id, r.epoch, r.state]),
+    [['old', 4, 'started']],
+  );
+  assert.equal((await d2.stop('old')).state, 'stopped');
+  assert.equal(isAlive(pid), false);
+});

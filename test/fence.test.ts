@@ -10,8 +10,8 @@ import { createServer } from 'node:net';
 import { once } from 'node:events';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createFencer, type FenceDeviceConfig } from '../src/fence/index.js';
-import { isAlive, readPidRecord, waitFor } from '../src/drivers/proc.js';
+import { createFencer, writeAgentPidfile, type FenceDeviceConfig } from '../src/fence/index.js';
+import { isAlive, readPidRecord, readProcStat, waitFor } from '../src/drivers/proc.js';
 import { ProcessDriver } from '../src/drivers/process.js';
 import { readPidfile } from '../src/drivers/pidfile.js';
 import { startWatchdog } from '../src/agent/watchdog.js';
@@ -229,4 +229,14 @@ test('local: kills the node agent (and its group), its watchdog and every resour
   );
   assert.ok(!noDir.ok);
   assert.match(noDir.attempts[0]?.error ?? '', /needs the state directory/);
+});
+
+test('writeAgentPidfile records pid and start time; its remover only removes its own', (t) => {
+  const dir = tmp(t);
+  const remove = writeAgentPidfile(dir);
+  const rec = readPidRecord(join(dir, 'agent.pid'));
+  assert.deepEqual(rec, { pid: process.pid, startTime: readProcStat(process.pid)?.startTime });
+  writeFileSync(join(dir, 'agent.pid'), '999999\n');
+  remove();
+  assert.ok(existsSync(join(dir, 'agent.pid')), 'a newer agent owns it now');
 });

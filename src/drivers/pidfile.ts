@@ -22,8 +22,11 @@ export const Pidfile = z.object({
   /** wall-clock ms when it was spawned */
   startedAtMs: z.number(),
   logPath: z.string(),
-  /** the spec it runs, so a new agent can monitor and stop it the same way */
-  spec: ResourceSpec.optional(),
+  /**
+   * the spec it runs, so a new agent can monitor and stop it the same way. Checked apart
+   * (pidfileSpec): a spec written by an older version must never hide a running process.
+   */
+  spec: z.unknown().optional(),
 });
 export type Pidfile = z.infer<typeof Pidfile>;
 
@@ -93,4 +96,10 @@ export function readPidfiles(stateDir: string): PidfileEntry[] {
     }
   }
   return out;
+}
+
+/** The spec recorded in a pidfile, or null when absent or no longer valid. */
+export function pidfileSpec(pf: Pidfile): ResourceSpec | null {
+  const r = ResourceSpec.safeParse(pf.spec);
+  return r.success ? r.data : null;
 }

@@ -16,7 +16,15 @@ import { CorralError, invariant } from '../core/errors.js';
 import { ResourceSpec } from '../core/spec.js';
 import type { Driver, DriverEvent, Env, LocalResource } from '../env/types.js';
 import { describeCheck, probe } from './health.js';
-import { LOG_DIR, readPidfile, readPidfiles, removePidfile, writePidfile, type Pidfile } from './pidfile.js';
+import {
+  LOG_DIR,
+  pidfileSpec,
+  readPidfile,
+  readPidfiles,
+  removePidfile,
+  writePidfile,
+  type Pidfile,
+} from './pidfile.js';
 import { groupAlive, isAlive, readProcStat, signalGroup, waitFor } from './proc.js';
 
 /** without a health check: the process must still live this long after spawn to count as started */
@@ -534,7 +542,14 @@ export class ProcessDriver implements Driver {
       if (waitForLeftovers) await waiting;
       return;
     }
-    const spec = pf.spec ?? ResourceSpec.parse({ id: pf.id, process: { command: ['(adopted)'] } });
+    let spec = pidfileSpec(pf);
+    if (!spec) {
+      this.env.log(
+        'warn',
+        `pidfile of ${pf.id} has no valid spec: adopting with default stop settings, no health check`,
+      );
+      spec = ResourceSpec.parse({ id: pf.id, process: { command: ['(adopted)'] } });
+    }
     let markExited!: () => void;
     const exited = new Promise<void>((r) => (markExited = r));
     const e: Entry = {

@@ -10,7 +10,7 @@ import type { DeviceResult, FenceDeviceConfig, FenceNodeConfig, FencerOptions } 
 
 export type { FenceDeviceConfig, FenceNodeConfig, FencerOptions } from './types.js';
 export { fenceAgentStdin, resolveFenceAgent } from './fence-agent.js';
-export { AGENT_PIDFILE, fenceLocal } from './local.js';
+export { AGENT_PIDFILE, fenceLocal, writeAgentPidfile } from './local.js';
 
 /** the `local` device's timeout when the config gives none */
 export const LOCAL_FENCE_TIMEOUT_MS = 5000;

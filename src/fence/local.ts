@@ -2,7 +2,7 @@
 // agent, its watchdog and every resource process group listed in its state directory, then
 // waits until all are gone. Processes are identified by pid AND /proc start time, so a
 // reused pid is never killed.
-import { readFileSync, statSync } from 'node:fs';
+import { mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { WATCHDOG_PIDFILE } from '../agent/watchdog-files.js';
 import { readPidfiles } from '../drivers/pidfile.js';
@@ -25,6 +25,28 @@ const CLOCK_TICKS_PER_S = 100;
 /** a plain-pid agent.pid may be written this long after the agent started... and no earlier */
 const PIDFILE_WRITE_SLACK_MS = 2000;
 const GONE_POLL_MS = 10;
+
+/**
+ * For the agent: record this process in <stateDir>/agent.pid as JSON {pid, startTime}, the
+ * form the local fence device trusts without guessing. Returns a remover for clean exits.
+ */
+export function writeAgentPidfile(stateDir: string, pid = process.pid): () => void {
+  mkdirSync(stateDir, { recursive: true });
+  const path = join(stateDir, AGENT_PIDFILE);
+  const tmp = `${path}.${pid}.tmp`;
+  writeFileSync(tmp, JSON.stringify({ pid, startTime: readProcStat(pid)?.startTime }) + '\n', {
+    mode: 0o600,
+  });
+  renameSync(tmp, path);
+  return () => {
+    if (readPidRecord(path)?.pid !== pid) return;
+    try {
+      unlinkSync(path);
+    } catch {
+      // already gone
+    }
+  };
+}
 
 function bootTimeMs(): number | null {
   try {
