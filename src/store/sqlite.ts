@@ -59,6 +59,8 @@ export const leaseSweepIntervalMs = 200;
 export const watchPollIntervalMs = 20;
 /** a watcher reads at most this many revisions per poll; the rest follows on the next turn */
 export const watchRevisionsPerPollMax = 1000;
+/** ... and at most this many events (whole revisions, except one revision bigger than that) */
+export const watchRowsPerPollMax = 256;
 /** automatic compaction keeps this many revisions of watch history */
 export const logRetainRevisions = 100_000;
 /** ... and runs only when that many more (at most a tenth of the retained) have piled up */
@@ -743,13 +745,24 @@ export class SqliteStore implements Store {
     const m = this.meta();
     if (w.nextRev > m.revision) return { batches: [], behind: false };
     if (w.nextRev < m.compact_rev) return this.compactedError(w.nextRev, m.compact_rev);
-    const upto = Math.min(m.revision, w.nextRev + watchRevisionsPerPollMax - 1);
-    const start = w.prefix;
-    const rows = (
-      w.end === undefined
-        ? this.st.logOpen.all(w.nextRev, upto, start)
-        : this.st.logBounded.all(w.nextRev, upto, start, w.end)
-    ) as LogRow[];
+    let upto = Math.min(m.revision, w.nextRev + watchRevisionsPerPollMax - 1);
+    const logRows = (from: number, to: number, limit: number) =>
+      (w.end === undefined
+        ? this.st.logOpen.all(from, to, w.prefix, limit)
+        : this.st.logBounded.all(from, to, w.prefix, w.end, limit)) as LogRow[];
+    let rows = logRows(w.nextRev, upto, watchRowsPerPollMax + 1);
+    if (rows.length > watchRowsPerPollMax) {
+      // cut at a revision boundary: the last revision read may be incomplete
+      const firstRev = rows[0]?.rev ?? w.nextRev;
+      const lastRev = rows[rows.length - 1]?.rev ?? upto;
+      if (firstRev === lastRev) {
+        rows = logRows(firstRev, firstRev, -1); // one revision is delivered whole, however big
+        upto = firstRev;
+      } else {
+        rows = rows.filter((r) => r.rev < lastRev);
+        upto = lastRev - 1;
+      }
+    }
     const batches: WatchEvent[][] = [];
     let lastRev = -1;
     for (const r of rows) {
@@ -849,10 +862,10 @@ function prepareStatements(db: Database.Database) {
     keysOfLease: db.prepare(`SELECT ${cols} FROM kv WHERE lease = ? AND lease <> 0 ORDER BY key`),
     logInsert: db.prepare(`INSERT INTO log (${logCols}) VALUES (?, ?, ?, ?, ?, ?, ?)`),
     logOpen: db.prepare(
-      `SELECT ${logCols} FROM log WHERE rev >= ? AND rev <= ? AND key >= ? ORDER BY rev, id`,
+      `SELECT ${logCols} FROM log WHERE rev >= ? AND rev <= ? AND key >= ? ORDER BY rev, id LIMIT ?`,
     ),
     logBounded: db.prepare(
-      `SELECT ${logCols} FROM log WHERE rev >= ? AND rev <= ? AND key >= ? AND key < ? ORDER BY rev, id`,
+      `SELECT ${logCols} FROM log WHERE rev >= ? AND rev <= ? AND key >= ? AND key < ? ORDER BY rev, id LIMIT ?`,
     ),
     deleteLogBefore: db.prepare('DELETE FROM log WHERE rev < ?'),
     insertLease: db.prepare('INSERT INTO leases (ttl_ms, expires_at_ms) VALUES (?, ?)'),
