@@ -280,7 +280,12 @@ class Member {
 
   constructor(readonly endpoint: string) {
     this.client = new Etcd3(etcdClientOptions(endpoint));
-    const pool = (this.client as unknown as { pool: ICallable<unknown> }).pool;
+    // the client's connection pool (one host here), reached past its `protected` to add metadata
+    const pool = (this.client as unknown as { pool?: ICallable<unknown> }).pool;
+    invariant(
+      pool && typeof pool.withConnection === 'function',
+      'etcd3 client without a connection pool: etcd3 version not supported (1.1.x expected)',
+    );
     const withLeader = <R>(
       service: Parameters<ICallable<unknown>['withConnection']>[0],
       fn: Parameters<ICallable<unknown>['withConnection']>[1],
@@ -1113,5 +1118,18 @@ export async function openEtcdStore(endpoints: string[], opts?: StoreOptions): P
       );
     }
   }
-  return new EtcdStore(endpoints, opts);
+  const store = new EtcdStore(endpoints, opts);
+  // one round trip, so a wrong URL or a dead cluster is a clear error at open, not at first use
+  try {
+    await store.revision();
+  } catch (e) {
+    await store.close();
+    const c = e instanceof StoreError ? e.code : 'CORRAL_STORE_UNAVAILABLE';
+    throw new StoreError(
+      c === 'CORRAL_STORE_TIMEOUT' ? c : 'CORRAL_STORE_UNAVAILABLE',
+      `etcd store ${store.url}: no member answered within ${store.opTimeoutMs} ms (last: ${e instanceof Error ? e.message : String(e)})`,
+      'check that etcd runs there and that the URL lists its client endpoints (port 2379 by default), e.g. etcd://10.0.0.1:2379,10.0.0.2:2379',
+    );
+  }
+  return store;
 }
