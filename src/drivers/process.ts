@@ -108,6 +108,8 @@ export class ProcessDriver implements Driver {
   private readonly entries = new Map<string, Entry>();
   private readonly handlers: ((ev: DriverEvent) => void)[] = [];
   private closed = false;
+  /** an in-flight killAll(): starts wait for it */
+  private killing: Promise<void> | undefined;
 
   constructor(opts: ProcessDriverOptions) {
     if (!isAbsolute(opts.stateDir)) {
@@ -143,12 +145,23 @@ export class ProcessDriver implements Driver {
   // ---- start ----------------------------------------------------------------------------------
 
   async start(specIn: ResourceSpec, epoch: number): Promise<LocalResource> {
-    const spec = ResourceSpec.parse(specIn);
+    const parsed = ResourceSpec.safeParse(specIn);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      const where = issue?.path.join('.') || '(root)';
+      return this.failedResult(
+        String(specIn?.id),
+        epoch,
+        `invalid spec at ${where}: ${issue?.message ?? 'invalid'}`,
+      );
+    }
+    const spec = parsed.data;
     invariant(
       Number.isInteger(epoch) && epoch >= 0,
       `start ${spec.id}: epoch must be a non-negative integer`,
     );
     for (let i = 0; i < START_RETRIES_MAX; i++) {
+      if (this.killing) await this.killing;
       const e = this.entries.get(spec.id) ?? this.adoptFromPidfile(spec.id);
       if (!e) return this.freshStart(spec, epoch);
       if (e.starting) {
@@ -163,7 +176,18 @@ export class ProcessDriver implements Driver {
         if (e.epoch !== epoch) this.reEpoch(e, epoch);
         return this.snapshot(e);
       }
-      // failed (its group is already killed): forget it and start anew
+      if (this.groupLive(e)) {
+        // a failed resource's group is being killed; one that survives SIGKILL blocks a new copy
+        if (!(await waitFor(() => !this.groupLive(e), KILL_WAIT_MS, GONE_POLL_MS))) {
+          return this.failedResult(
+            spec.id,
+            epoch,
+            `previous process group ${e.pgid} of ${spec.id} survives SIGKILL`,
+          );
+        }
+      }
+      // failed and gone: forget it and start anew
+      if (this.entries.get(spec.id) !== e) continue;
       this.entries.delete(spec.id);
       return this.freshStart(spec, epoch);
     }
@@ -445,10 +469,19 @@ export class ProcessDriver implements Driver {
     return this.snapshot(e);
   }
 
-  async killAll(): Promise<void> {
+  killAll(): Promise<void> {
+    const run = this.doKillAll().finally(() => {
+      if (this.killing === run) this.killing = undefined;
+    });
+    this.killing = run;
+    return run;
+  }
+
+  private async doKillAll(): Promise<void> {
     // signals first, synchronously: self-fencing must be fast
+    const marked = [...this.entries.values()];
     const targets: Entry[] = [];
-    for (const e of this.entries.values()) {
+    for (const e of marked) {
       this.clearTimers(e);
       const wasLive = e.state !== 'stopped';
       e.state = 'stopping';
@@ -475,10 +508,10 @@ export class ProcessDriver implements Driver {
     for (const pf of strays) {
       if (!groupAlive(pf.pgid, pf.startTime)) removePidfile(this.stateDir, pf.id);
     }
-    for (const [id, e] of this.entries) {
-      if (e.pgid === undefined || !this.groupLive(e)) {
+    for (const e of marked) {
+      if (this.entries.get(e.id) === e && (e.pgid === undefined || !this.groupLive(e))) {
         e.state = 'stopped';
-        this.entries.delete(id);
+        this.entries.delete(e.id);
       }
     }
   }
