@@ -7,7 +7,14 @@
 import { appendFileSync, mkdirSync, readFileSync, readdirSync, unlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { groupAlive, readPidRecord, recordAlive, signalGroup, startTimeOf } from '../drivers/proc.js';
+import {
+  groupAlive,
+  groupsAlive,
+  readPidRecord,
+  recordAlive,
+  signalGroup,
+  startTimeOf,
+} from '../drivers/proc.js';
 import { parseWatchdogCommand, watchdogPaths } from './watchdog-files.js';
 
 /** disarmed and no client for this long: nobody needs us, exit (the grace lets a restarting agent reconnect) */
@@ -130,7 +137,8 @@ function fire(why: string): void {
   }
   const start = Date.now();
   const check = () => {
-    const left = killed.filter((t) => groupAlive(t.pgid, t.startTime));
+    const alive = groupsAlive(killed);
+    const left = killed.filter((_, i) => alive[i]);
     if (left.length === 0) return cleanupAndExit(0);
     if (Date.now() - start > FIRE_KILL_WAIT_MS) {
       log(`groups still present after SIGKILL: ${left.map((t) => t.pgid).join(' ')}`);

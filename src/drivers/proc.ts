@@ -89,6 +89,41 @@ export function groupAlive(pgid: number, leaderStartTime: number): boolean {
   return groupMembers(pgid).some((p) => p !== pgid);
 }
 
+/**
+ * groupAlive for many groups with at most one /proc scan (a scan costs ~10 ms): live
+ * leaders answer at once; only groups whose leader is gone need the scan.
+ */
+export function groupsAlive(groups: { pgid: number; startTime: number }[]): boolean[] {
+  const out: boolean[] = [];
+  const unsure: number[] = [];
+  groups.forEach((g, i) => {
+    const leader = readProcStat(g.pgid);
+    if (leader && !isGoneState(leader.state)) {
+      if (leader.startTime === g.startTime) return (out[i] = true);
+      if (leader.pgrp === g.pgid) return (out[i] = false);
+    }
+    out[i] = false;
+    unsure.push(i);
+  });
+  if (unsure.length === 0) return out;
+  const live = new Set<number>();
+  let names: string[] = [];
+  try {
+    names = readdirSync('/proc');
+  } catch {
+    // no /proc: nothing found
+  }
+  const wanted = new Set(unsure.map((i) => (groups[i] as { pgid: number }).pgid));
+  for (const name of names) {
+    const c = name.charCodeAt(0);
+    if (c < 48 || c > 57) continue;
+    const st = readProcStat(Number(name));
+    if (st && wanted.has(st.pgrp) && st.pid !== st.pgrp && !isGoneState(st.state)) live.add(st.pgrp);
+  }
+  for (const i of unsure) out[i] = live.has((groups[i] as { pgid: number }).pgid);
+  return out;
+}
+
 /** Send a signal to a process group; false when the group no longer exists. Never throws for ESRCH/EPERM. */
 export function signalGroup(pgid: number, signal: NodeJS.Signals): boolean {
   if (!Number.isInteger(pgid) || pgid <= 1) return false;

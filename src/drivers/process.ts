@@ -25,7 +25,7 @@ import {
   writePidfile,
   type Pidfile,
 } from './pidfile.js';
-import { groupAlive, isAlive, readProcStat, signalGroup, waitFor } from './proc.js';
+import { groupAlive, groupsAlive, isAlive, readProcStat, signalGroup, waitFor } from './proc.js';
 
 /** without a health check: the process must still live this long after spawn to count as started */
 export const START_SETTLE_MS = 200;
@@ -497,8 +497,11 @@ export class ProcessDriver implements Driver {
       if (groupAlive(pidfile.pgid, pidfile.startTime)) signalGroup(pidfile.pgid, 'SIGKILL');
       strays.push(pidfile);
     }
-    const allGone = () =>
-      targets.every((e) => !this.groupLive(e)) && strays.every((pf) => !groupAlive(pf.pgid, pf.startTime));
+    const all = [
+      ...targets.map((e) => ({ pgid: e.pgid as number, startTime: e.startTime ?? -1 })),
+      ...strays.map((pf) => ({ pgid: pf.pgid, startTime: pf.startTime })),
+    ];
+    const allGone = () => !groupsAlive(all).some(Boolean);
     const gone = await waitFor(allGone, KILL_ALL_WAIT_MS, 10);
     if (!gone)
       this.env.log('error', `killAll: some process groups survive ${KILL_ALL_WAIT_MS} ms after SIGKILL`);
