@@ -33,16 +33,33 @@ export function decide(view: ClusterView): Action[] {
     }
   }
   const used = usageOf(work);
-  const order = [...work.resources.values()].sort(
+  const byPriority = [...work.resources.values()].sort(
     (a, b) => (b.spec?.priority ?? 0) - (a.spec?.priority ?? 0) || (a.id < b.id ? -1 : 1),
   );
-  for (const r of order) {
+  for (const r of affinityFirst(byPriority, work)) {
     const acts = decideResource(work, r, used, by);
     for (const act of acts) {
       out.push(act);
       if (act.type === 'setResource') work.resources.set(r.id, { ...r, rec: act.next });
     }
   }
+  return out;
+}
+
+/** Priority order, except that a resource comes after its affinity partners (they pin its node). */
+function affinityFirst(order: ResourceView[], view: ClusterView): ResourceView[] {
+  const out: ResourceView[] = [];
+  const seen = new Set<string>();
+  const visit = (r: ResourceView): void => {
+    if (seen.has(r.id)) return;
+    seen.add(r.id);
+    for (const p of r.spec?.affinity ?? []) {
+      const partner = view.resources.get(p);
+      if (partner) visit(partner);
+    }
+    out.push(r);
+  };
+  for (const r of order) visit(r);
   return out;
 }
 
