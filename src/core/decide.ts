@@ -407,7 +407,10 @@ function decideResource(view: ClusterView, r: ResourceView, used: Usage, by: str
           `moving off ${node}: maintenance`,
         );
       if (spec.preferredNode && spec.preferredNode !== node) {
-        const p = place(view, spec, used, { avoid: new Set([node]) });
+        // never back onto a node where the restart limit was just reached (it would fail again)
+        const p = place(view, spec, used, {
+          avoid: new Set([node, ...exhaustedNodes(failures, spec.restart, now)]),
+        });
         if (p.ok && p.node === spec.preferredNode)
           return write(
             { state: 'stopping', run: false, reason: `moving to ${p.node} (preferred node)` },
@@ -576,6 +579,18 @@ function onFailure(
     },
     `failed: restart limit reached on ${node}: ${reason}`,
   );
+}
+
+/** Nodes where the resource used up its in-place restarts within the window. */
+function exhaustedNodes(
+  failures: FailureMark[],
+  policy: { maxRestarts: number; windowMs: number },
+  nowMs: number,
+): string[] {
+  const count = new Map<string, number>();
+  for (const f of failures)
+    if (nowMs - f.atMs < policy.windowMs) count.set(f.node, (count.get(f.node) ?? 0) + 1);
+  return [...count].filter(([, n]) => n > policy.maxRestarts).map(([node]) => node);
 }
 
 /** The safety invariant, asserted before every write: never a second copy. */
