@@ -25,6 +25,8 @@ import { Manager } from '../manager/manager.js';
 export const agentLimits = {
   /** a full reconcile runs at least this often even without store events */
   reconcileEveryMs: 1000,
+  /** after a failed renewal, try again this soon (not a whole renew interval: a short store blip must not cost the lease) */
+  renewRetryMs: 250,
   /** wait between attempts to rejoin after losing the lease */
   rejoinBackoffMs: 500,
   rejoinBackoffMaxMs: 5000,
@@ -192,9 +194,10 @@ export class Agent {
 
   private async renewLoop(): Promise<void> {
     const env = this.o.env;
+    let waitMs = this.o.timings.renewIntervalMs;
     while (!this.stopping) {
       await new Promise<void>((resolve) => {
-        const cancel = env.setTimer(this.o.timings.renewIntervalMs, resolve);
+        const cancel = env.setTimer(waitMs, resolve);
         this.wakeRenew = () => {
           cancel();
           resolve();
@@ -208,6 +211,7 @@ export class Agent {
       const lease = this.lease;
       if (lease === undefined || this.phase !== 'joined') continue;
       const sentMs = env.nowMs();
+      waitMs = this.o.timings.renewIntervalMs;
       try {
         await this.o.store.leaseKeepAlive(lease);
         if (this.lease === lease && this.phase === 'joined') this.renewed(sentMs);
@@ -215,7 +219,10 @@ export class Agent {
         if (!(e instanceof StoreError)) throw e;
         if (e.code === 'CORRAL_STORE_LEASE_NOT_FOUND')
           await this.selfFence('lease lost (expired in the store)', true);
-        else env.log('warn', 'lease renewal failed', { error: e.message });
+        else {
+          env.log('warn', 'lease renewal failed', { error: e.message });
+          waitMs = Math.min(agentLimits.renewRetryMs, this.o.timings.renewIntervalMs);
+        }
       }
     }
   }
