@@ -87,6 +87,7 @@ export type Command =
 export type Expect =
   | { type: 'on'; id: string; node: string | 'any'; negate: boolean }
   | { type: 'state'; id: string; state: 'stopped' | 'failed'; reason?: string }
+  | { type: 'deleted'; id: string }
   | { type: 'node'; node: string; state: NodeState }
   | { type: 'event'; what: 'fence-ok' | 'fence-failed' | 'self-fence'; node: string; negate: boolean }
   | { type: 'leader'; node: string; negate: boolean };
@@ -498,6 +499,7 @@ export function parseExpect(
   if (b === 'not' && c2 === 'on')
     return { exp: { type: 'on', id: a, node: node(rest[0]), negate: true }, byMs };
   if (b === 'running') return { exp: { type: 'on', id: a, node: 'any', negate: false }, byMs };
+  if (b === 'deleted') return { exp: { type: 'deleted', id: a }, byMs };
   if (b === 'stopped' || b === 'failed') {
     let reason: string | undefined;
     if (c2 === 'reason') reason = rest.join(' ');

@@ -609,9 +609,11 @@ export class World {
         if (!n || !d || this.q.nowMs() >= deadlineMs)
           return done({ ok: false, attempts, durationMs: this.q.nowMs() - startMs });
         const device = `dev${i + 1}`;
-        const endMs = d.mode === 'timeout' ? deadlineMs : Math.min(deadlineMs, this.q.nowMs() + d.delayMs);
+        // each device gets an equal share of what is left before the deadline
+        const shareMs = Math.floor((deadlineMs - this.q.nowMs()) / (devices.length - i));
+        const endMs = this.q.nowMs() + (d.mode === 'timeout' ? shareMs : Math.min(shareMs, d.delayMs));
         this.q.at(endMs, () => {
-          if (d.mode === 'ok' && endMs < deadlineMs) {
+          if (d.mode === 'ok' && d.delayMs <= shareMs) {
             this.entry({
               type: 'hw',
               node: target,
@@ -869,6 +871,14 @@ export class World {
         const desc = `record ${r ? `${r.state}: ${r.reason}` : 'missing'}; ${procs.length} process(es) alive`;
         const reasonOk = !exp.reason || (r?.reason.toLowerCase().includes(exp.reason.toLowerCase()) ?? false);
         return [!!r && r.state === exp.state && procs.length === 0 && reasonOk, desc];
+      }
+      case 'deleted': {
+        const r = this.assign.get(exp.id);
+        const procs = this.runningOn(exp.id);
+        return [
+          !r && procs.length === 0,
+          `record ${r ? r.state : 'gone'}; ${procs.length} process(es) alive`,
+        ];
       }
       case 'node': {
         const s = this.nstate.get(exp.node);
