@@ -10,7 +10,16 @@
 // - an exit is seen at once (child 'exit'; adopted processes are polled every ADOPTED_POLL_MS).
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, mkdirSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  fstatSync,
+  mkdirSync,
+  openSync,
+  readSync,
+  renameSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
 import { CorralError, invariant } from '../core/errors.js';
 import { ResourceSpec } from '../core/spec.js';
@@ -44,6 +53,8 @@ export const USER_LOOKUP_TIMEOUT_MS = 2000;
 /** failure reasons quote at most this many of the last lines of the log */
 export const LOG_TAIL_LINES = 5;
 export const LOG_TAIL_BYTES = 4096;
+/** a log larger than this at start is moved to <log>.1 (one generation kept) */
+export const LOG_ROTATE_BYTES = 16 * 1024 * 1024;
 /** start() waits for an in-flight start/stop of the same id, then re-checks, at most this often */
 const START_RETRIES_MAX = 4;
 
@@ -243,6 +254,7 @@ export class ProcessDriver implements Driver {
     let fd: number;
     try {
       mkdirSync(dirname(e.logPath), { recursive: true });
+      if (fileSize(e.logPath) > LOG_ROTATE_BYTES) renameSync(e.logPath, `${e.logPath}.1`);
       fd = openSync(e.logPath, 'a', 0o640);
       writeSync(
         fd,
