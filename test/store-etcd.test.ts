@@ -11,6 +11,7 @@ import { openStore } from '../src/store/index.js';
 import { storeConformance } from './store-conformance.js';
 
 const missing = etcdMissing();
+const conformanceOpTimeoutMs = 15_000;
 
 // ---- the shared conformance suite on one member, started once for the suite -------------
 
@@ -24,9 +25,12 @@ if (missing) {
   storeConformance('etcd (1 member)', async () => {
     shared ??= startEtcd({ members: 1 });
     const cluster = await shared;
+    // the suite checks semantics, not speed: 1000 concurrent puts on a loaded CI machine may
+    // queue past the 5 s default, which is then (rightly) a timeout error
+    const opts = { opTimeoutMs: conformanceOpTimeoutMs };
     return {
-      store: await openStore(cluster.url),
-      openAnother: () => openStore(cluster.url),
+      store: await openStore(cluster.url, opts),
+      openAnother: () => openStore(cluster.url, opts),
       cleanup: async () => {},
     };
   });

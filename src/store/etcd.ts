@@ -168,7 +168,11 @@ export function classifyEtcdError(e: unknown, where: string): Classified {
   const code = typeof e === 'object' && e !== null && 'code' in e ? (e as { code: unknown }).code : undefined;
   const name = e instanceof Error ? e.constructor.name : '';
   // etcd3 rewrites messages ("Lease 5 NOT_FOUND: etcdserver: ..."): keep etcd's own words
-  const said = /etcdserver: .*/.exec(msg)?.[0].replace(/ is expired or revoked$/, '') ?? msg;
+  // and gRPC's "14 UNAVAILABLE: No connection established. Last error: Error: connect ...": the cause
+  const said =
+    /etcdserver: .*/.exec(msg)?.[0].replace(/ is expired or revoked$/, '') ??
+    /Last error: (?:Error: )?(.*?)\.? Resolution note/.exec(msg)?.[1] ??
+    msg.replace(/^\d+ [A-Z_]+: /, '');
   const mk = (c: StoreErrorCode, hint: string, notSent = false, memberFault = false): Classified => ({
     err: new StoreError(c, `${where}: ${said}`, hint),
     notSent,
@@ -963,7 +967,11 @@ class EtcdWatch implements Watcher {
         stream.on('error', (e) => broken(e));
         stream.on('end', () => broken(new Error('watch stream ended: connection closed')));
         stream.write({
-          create_request: { ...prefixRange(this.prefix), start_revision: this.lastEtcdRev + 1 },
+          create_request: {
+            ...prefixRange(this.prefix),
+            start_revision: this.lastEtcdRev + 1,
+            progress_notify: true,
+          },
         });
       }),
       createTimeoutMs,
@@ -1003,6 +1011,12 @@ class EtcdWatch implements Watcher {
         // already gone
       }
       this.streamBroke(idx, new Error(`watch cancelled by etcd: ${res.cancel_reason || 'no reason given'}`));
+      return;
+    }
+    if (res.events.length === 0 && !res.created) {
+      // a progress notification: every event up to header.revision was sent, so a resume
+      // after a quiet spell starts there (and not before a compaction that skipped nothing)
+      this.lastEtcdRev = Math.max(this.lastEtcdRev, Number(res.header.revision));
       return;
     }
     this.deliver(res.events);
@@ -1127,7 +1141,7 @@ export async function openEtcdStore(endpoints: string[], opts?: StoreOptions): P
     const c = e instanceof StoreError ? e.code : 'CORRAL_STORE_UNAVAILABLE';
     throw new StoreError(
       c === 'CORRAL_STORE_TIMEOUT' ? c : 'CORRAL_STORE_UNAVAILABLE',
-      `etcd store ${store.url}: no member answered within ${store.opTimeoutMs} ms (last: ${e instanceof Error ? e.message : String(e)})`,
+      `etcd store ${store.url}: no member answered within ${store.opTimeoutMs} ms (last: ${(e instanceof Error ? e.message : String(e)).replace(/^etcd store \S+ revision /, '')})`,
       'check that etcd runs there and that the URL lists its client endpoints (port 2379 by default), e.g. etcd://10.0.0.1:2379,10.0.0.2:2379',
     );
   }
