@@ -54,6 +54,12 @@ export function etcdMissing(): string | undefined {
   return undefined;
 }
 
+let setprivFound: boolean | undefined;
+function hasSetpriv(): boolean {
+  setprivFound ??= spawnSync('setpriv', ['--version']).status === 0;
+  return setprivFound;
+}
+
 /** data dirs of test processes that were SIGKILLed (their etcd died with them: pdeathsig) */
 function sweepStaleDataDirs(root: string): void {
   for (const name of readdirSync(root)) {
@@ -136,7 +142,10 @@ export async function startEtcd(opts: StartEtcdOptions): Promise<EtcdCluster> {
       '--logger=zap',
       '--log-level=error',
     ];
-    const p = spawn('setpriv', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    // without setpriv (util-linux) members only die with stop() or a clean exit of this process
+    const p = hasSetpriv()
+      ? spawn('setpriv', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+      : spawn('etcd', args.slice(3), { stdio: ['ignore', 'ignore', 'pipe'] });
     p.stderr?.setEncoding('utf8');
     p.stderr?.on('data', (s: string) => {
       logs[i] = (logs[i] + s).slice(-etcdLogTailMaxChars);
