@@ -2,6 +2,13 @@
 import { Command, CommanderError } from 'commander';
 import { exitCodes } from './program.js';
 import { registerConfig } from './commands/config.js';
+import { registerAgent } from './commands/agent.js';
+import { registerStatus } from './commands/status.js';
+import { registerNode } from './commands/node.js';
+import { registerResource } from './commands/resource.js';
+import { registerCluster } from './commands/cluster.js';
+import { registerDemo } from './commands/demo.js';
+import { registerClone } from './commands/clone.js';
 
 const program = new Command('corral')
   .description('Corral: high-availability cluster manager for VMs and services')
@@ -10,6 +17,13 @@ const program = new Command('corral')
   .exitOverride();
 
 registerConfig(program);
+registerDemo(program);
+registerStatus(program);
+registerNode(program);
+registerResource(program);
+registerCluster(program);
+registerAgent(program);
+registerClone(program);
 
 try {
   await program.parseAsync(process.argv);

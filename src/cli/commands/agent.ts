@@ -1,0 +1,110 @@
+// `corral agent --config cluster.yaml --node NAME`: the node daemon.
+import { mkdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import { action, UsageError } from '../program.js';
+import { addConfigOption, resolveConfigPath } from '../context.js';
+import { loadClusterConfig } from '../../config/schema.js';
+import { openStore } from '../../store/index.js';
+import { nodeEnv } from '../../env/node.js';
+import { ProcessDriver } from '../../drivers/process.js';
+import { createFencer, writeAgentPidfile } from '../../fence/index.js';
+import { startWatchdog } from '../../agent/watchdog.js';
+import { Agent } from '../../agent/agent.js';
+import type { Watchdog } from '../../env/types.js';
+
+export const defaultStateRoot = '/var/lib/corral';
+
+/** The state directory of a node: <root>/<node> (pidfiles, logs, watchdog socket). */
+export function nodeStateDir(stateRoot: string, node: string): string {
+  return join(resolve(stateRoot), node);
+}
+
+interface AgentCliOpts {
+  config?: string;
+  node: string;
+  stateRoot: string;
+  leave?: boolean;
+  watchdog: boolean;
+  logLevel: 'debug' | 'info' | 'warn' | 'error';
+}
+
+export function registerAgent(program: Command): void {
+  addConfigOption(
+    program
+      .command('agent')
+      .description('run the node agent (lease, reconciler, self-fence; the manager runs inside it)')
+      .requiredOption('-n, --node <name>', 'this node, as named in cluster.yaml')
+      .option('--state-root <dir>', 'parent of every node state directory (pidfiles, logs)', defaultStateRoot)
+      .option('--leave', 'on SIGTERM, move resources to other nodes before stopping')
+      .option(
+        '--no-watchdog',
+        'do not start the node watchdog (resources are not killed if the agent freezes)',
+      )
+      .option('--log-level <level>', 'debug, info, warn or error', 'info'),
+  ).action(action(runAgent));
+}
+
+async function runAgent(opts: AgentCliOpts): Promise<number> {
+  const configPath = resolveConfigPath(opts.config);
+  const config = loadClusterConfig(configPath);
+  const me = config.nodes.find((n) => n.name === opts.node);
+  if (!me)
+    throw new UsageError(
+      `node "${opts.node}" is not in ${configPath}`,
+      `known nodes: ${config.nodes.map((n) => n.name).join(', ')}`,
+    );
+  if (!['debug', 'info', 'warn', 'error'].includes(opts.logLevel))
+    throw new UsageError(`--log-level ${opts.logLevel}: expected debug, info, warn or error`);
+  const stateDir = nodeStateDir(opts.stateRoot, me.name);
+  mkdirSync(stateDir, { recursive: true });
+  const env = nodeEnv({ name: me.name, level: opts.logLevel });
+  const t = config.timings;
+  const store = await openStore(config.store, { opTimeoutMs: Math.max(500, t.renewIntervalMs) });
+  const driver = new ProcessDriver({ node: me.name, stateDir, env });
+  const fencer = createFencer(config.nodes, {
+    log: env.log,
+    localStateDir: (node) => nodeStateDir(opts.stateRoot, node),
+  });
+  let watchdog: Watchdog | undefined;
+  if (opts.watchdog) watchdog = await startWatchdog({ stateDir, log: env.log });
+  const removePidfile = writeAgentPidfile(stateDir);
+  const agent = new Agent({
+    env,
+    store,
+    driver,
+    fencer,
+    watchdog,
+    cluster: config.cluster.name,
+    node: me.name,
+    address: me.address,
+    capacity: me.capacity,
+    labels: me.labels,
+    timings: t,
+    onEvent: (e) => env.log('info', e.message, { event: e.action, by: e.by }),
+  });
+  let stopping: Promise<void> | undefined;
+  const shutdown = (why: string, leave: boolean) => {
+    if (stopping) return stopping;
+    env.log('info', `stopping (${why})${leave ? ': moving resources away first' : ''}`);
+    stopping = agent
+      .stop({ leave })
+      .catch((e: unknown) => env.log('error', 'unclean stop', { error: String(e) }))
+      .finally(async () => {
+        await watchdog?.close();
+        await driver.close();
+        await store.close().catch(() => undefined);
+        removePidfile();
+      });
+    return stopping;
+  };
+  const done = new Promise<void>((resolveDone) => {
+    process.once('SIGTERM', () => void shutdown('SIGTERM', opts.leave === true).then(resolveDone));
+    process.once('SIGINT', () => void shutdown('SIGINT', false).then(resolveDone));
+    void agent.whenHalted().then(() => shutdown('cluster halted', false).then(resolveDone));
+  });
+  await agent.start();
+  env.log('info', `agent running (config ${configPath}, state ${stateDir}, store ${store.url})`);
+  await done;
+  return 0;
+}

@@ -1,0 +1,291 @@
+// A real Corral cluster on this host for tests: N `corral agent` processes on one SQLite
+// store, each with its own state directory, services that leave witness records, and the
+// CLI as a subprocess. Everything is torn down even when a test fails.
+import { mkdtempSync, writeFileSync, readFileSync, existsSync, rmSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { openStore } from '../../src/store/index.js';
+import type { Store } from '../../src/store/types.js';
+import { keys } from '../../src/core/keys.js';
+import { readPid } from '../../src/cli/local.js';
+import { loadSnapshot, type Snapshot } from '../../src/manager/load.js';
+import type { ResourceSpecInput } from '../../src/core/spec.js';
+import { ResourceSpec } from '../../src/core/spec.js';
+import type { ClusterEvent } from '../../src/core/types.js';
+
+export const repo = resolve(import.meta.dirname, '..', '..');
+export const corralBin = join(repo, 'bin', 'corral.js');
+export const echoService = join(repo, 'test', 'fixtures', 'services', 'http-echo.mjs');
+
+export interface TestNode {
+  name: string;
+  /** YAML for the node's fence list, e.g. '[{ type: local }]' */
+  fence?: string;
+  memory?: number;
+  cpus?: number;
+  labels?: Record<string, string>;
+}
+
+export interface ClusterOptions {
+  nodes: TestNode[];
+  leaseTtlMs?: number;
+  extraTimings?: string;
+  watchdog?: boolean;
+}
+
+export class TestCluster {
+  readonly dir: string;
+  readonly stateRoot: string;
+  readonly configPath: string;
+  readonly witnessPath: string;
+  readonly agents = new Map<string, ChildProcess>();
+  store!: Store;
+  readonly k = keys('test');
+
+  constructor(readonly o: ClusterOptions) {
+    this.dir = mkdtempSync(join(tmpdir(), 'corral-test-'));
+    this.stateRoot = join(this.dir, 'state');
+    this.configPath = join(this.dir, 'cluster.yaml');
+    this.witnessPath = join(this.dir, 'witness.log');
+    mkdirSync(this.stateRoot);
+    const ttl = o.leaseTtlMs ?? 2000;
+    const margin = Math.round(ttl / 4);
+    const renew = Math.floor((ttl - margin) / 3);
+    writeFileSync(
+      this.configPath,
+      [
+        'version: 1',
+        'cluster: { name: test }',
+        'store: sqlite:./store.db',
+        `timings: { leaseTtlMs: ${ttl}, renewIntervalMs: ${renew}, selfFenceMarginMs: ${margin}, noDeviceFenceMarginMs: ${margin * 2}, fenceRetryBackoffMs: 500, fenceRetryBackoffMaxMs: 2000, fenceTimeoutMs: 5000${o.extraTimings ? ', ' + o.extraTimings : ''} }`,
+        'nodes:',
+        ...o.nodes.map((n, i) =>
+          [
+            `  - name: ${n.name}`,
+            `    address: 127.0.1.${i + 1}`,
+            `    capacity: { cpus: ${n.cpus ?? 8}, memory: ${n.memory ?? 4096} }`,
+            `    labels: ${JSON.stringify(n.labels ?? {})}`,
+            `    fence: ${n.fence ?? '[{ type: local }]'}`,
+          ].join('\n'),
+        ),
+        '',
+      ].join('\n'),
+    );
+    writeFileSync(join(this.dir, 'local.json'), JSON.stringify({ stateRoot: this.stateRoot }));
+  }
+
+  async start(): Promise<void> {
+    for (const n of this.o.nodes) this.startAgent(n.name);
+    this.store = await openStore(`sqlite:${join(this.dir, 'store.db')}`);
+    await this.waitFor('all nodes online', async () => {
+      const s = await this.snapshot();
+      return this.o.nodes.every(
+        (n) => s.nodes.get(n.name)?.status?.state === 'online' && s.nodes.get(n.name)?.alive?.ready,
+      );
+    });
+  }
+
+  startAgent(node: string): ChildProcess {
+    const log = join(this.stateRoot, `${node}.agent.log`);
+    const args = [
+      corralBin,
+      'agent',
+      '--config',
+      this.configPath,
+      '--node',
+      node,
+      '--state-root',
+      this.stateRoot,
+    ];
+    if (this.o.watchdog === false) args.push('--no-watchdog');
+    const child = spawn(process.execPath, args, {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, CORRAL_HOME: join(this.dir, 'home') },
+    });
+    const chunks: string[] = [];
+    child.stdout?.on('data', (d: Buffer) => chunks.push(d.toString()));
+    child.stderr?.on('data', (d: Buffer) => {
+      chunks.push(d.toString());
+      if (chunks.length > 2000) chunks.splice(0, 1000);
+    });
+    child.on('exit', () => {
+      if (existsSync(this.stateRoot)) writeFileSync(log, chunks.join(''), { flag: 'a' });
+    });
+    this.agents.set(node, child);
+    return child;
+  }
+
+  agentPid(node: string): number {
+    const p = join(this.stateRoot, node, 'agent.pid');
+    return readPid(readFileSync(p, 'utf8'));
+  }
+
+  /** Define a test service: the echo server with a witness file and a TCP health check. */
+  async defineService(
+    id: string,
+    port: number,
+    extra: Partial<ResourceSpecInput> = {},
+    args: string[] = [],
+  ): Promise<void> {
+    const spec = ResourceSpec.parse({
+      id,
+      process: {
+        command: [process.execPath, echoService, String(port), ...args],
+        env: { CORRAL_WITNESS: this.witnessPath },
+        stopTimeoutMs: 2000,
+        startTimeoutMs: 5000,
+      },
+      health: {
+        type: 'http',
+        url: `http://127.0.0.1:${port}/`,
+        intervalMs: 300,
+        timeoutMs: 500,
+        failures: 2,
+      },
+      memory: 64,
+      ...extra,
+    } satisfies ResourceSpecInput);
+    await this.store.put(this.k.resource(id), JSON.stringify(spec));
+  }
+
+  snapshot(): Promise<Snapshot> {
+    return loadSnapshot(this.store, 'test');
+  }
+
+  async waitFor(
+    what: string,
+    cond: () => Promise<boolean>,
+    timeoutMs = 20000,
+    everyMs = 100,
+  ): Promise<number> {
+    const t0 = Date.now();
+    for (;;) {
+      if (await cond()) return Date.now() - t0;
+      if (Date.now() - t0 > timeoutMs) {
+        const s = await this.snapshot().catch(() => undefined);
+        const state = s
+          ? [...s.nodes.values()].map((n) => `${n.name}=${n.status?.state}`).join(' ') +
+            ' | ' +
+            [...s.resources.values()]
+              .map((r) => `${r.id}=${r.rec?.state}@${r.rec?.node}(${r.rec?.reason})`)
+              .join(' ')
+          : '';
+        throw new Error(
+          `timed out after ${timeoutMs} ms waiting for ${what}; ${state}\nevents:\n${(await this.events())
+            .slice(-25)
+            .map((e) => e.message)
+            .join('\n')}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  }
+
+  async resourceOn(
+    id: string,
+  ): Promise<{ state?: string; node?: string | null; reason?: string; epoch?: number }> {
+    const s = await this.snapshot();
+    const rec = s.resources.get(id)?.rec;
+    return { state: rec?.state, node: rec?.node, reason: rec?.reason, epoch: rec?.epoch };
+  }
+
+  async waitStarted(id: string, notOn?: string, timeoutMs = 20000): Promise<string> {
+    let node = '';
+    await this.waitFor(
+      `${id} started${notOn ? ` off ${notOn}` : ''}`,
+      async () => {
+        const r = await this.resourceOn(id);
+        node = r.node ?? '';
+        return r.state === 'started' && !!r.node && r.node !== notOn;
+      },
+      timeoutMs,
+    );
+    return node;
+  }
+
+  async events(): Promise<ClusterEvent[]> {
+    const r = await this.store.range(this.k.events);
+    return r.kvs.map((kv) => JSON.parse(kv.value) as ClusterEvent);
+  }
+
+  cli(...args: string[]): { code: number; stdout: string; stderr: string } {
+    const r = spawnSync(process.execPath, [corralBin, ...args, '--config', this.configPath], {
+      encoding: 'utf8',
+      timeout: 30000,
+      env: { ...process.env, CORRAL_HOME: join(this.dir, 'home') },
+    });
+    return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+  }
+
+  /** Kill every process of the cluster, however it was left. */
+  async stop(): Promise<void> {
+    await this.store?.close().catch(() => undefined);
+    for (const n of this.o.nodes) {
+      spawnSync(
+        process.execPath,
+        [corralBin, 'node', 'crash', n.name, '--config', this.configPath, '--state-root', this.stateRoot],
+        {
+          timeout: 15000,
+          env: { ...process.env, CORRAL_HOME: join(this.dir, 'home') },
+        },
+      );
+    }
+    for (const a of this.agents.values()) if (a.exitCode === null) a.kill('SIGKILL');
+    if (!process.env.CORRAL_KEEP_TEST_DIRS) rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+export interface WitnessLine {
+  resource: string;
+  node: string;
+  epoch: number;
+  pid: number;
+  tMs: number;
+}
+
+/** Every pair of copies of one resource whose lifetimes overlap (the invariant: none). */
+export function witnessOverlaps(path: string, slackMs = 0): string[] {
+  if (!existsSync(path)) return [];
+  const spans = new Map<
+    string,
+    { resource: string; node: string; epoch: number; pid: number; from: number; to: number }
+  >();
+  for (const line of readFileSync(path, 'utf8').split('\n')) {
+    if (!line.trim()) continue;
+    let w: WitnessLine;
+    try {
+      w = JSON.parse(line) as WitnessLine;
+    } catch {
+      continue; // a line cut by SIGKILL mid-write
+    }
+    const key = `${w.resource}/${w.pid}`;
+    const s = spans.get(key);
+    if (!s)
+      spans.set(key, {
+        resource: w.resource,
+        node: w.node,
+        epoch: w.epoch,
+        pid: w.pid,
+        from: w.tMs,
+        to: w.tMs,
+      });
+    else {
+      s.from = Math.min(s.from, w.tMs);
+      s.to = Math.max(s.to, w.tMs);
+    }
+  }
+  const out: string[] = [];
+  const list = [...spans.values()];
+  for (let i = 0; i < list.length; i++)
+    for (let j = i + 1; j < list.length; j++) {
+      const a = list[i]!;
+      const b = list[j]!;
+      if (a.resource !== b.resource) continue;
+      if (a.from <= b.to + slackMs && b.from <= a.to + slackMs)
+        out.push(
+          `${a.resource}: ${a.node}/epoch ${a.epoch} [${a.from}..${a.to}] overlaps ${b.node}/epoch ${b.epoch} [${b.from}..${b.to}]`,
+        );
+    }
+  return out;
+}
