@@ -97,7 +97,10 @@ export class Agent {
             onEvent: o.onEvent,
           });
     o.driver.onEvent((ev) => {
-      void this.report(ev.id, { epoch: ev.epoch, state: 'failed', reason: ev.reason });
+      // the store may be unreachable right now: never let a lost report crash the agent
+      this.report(ev.id, { epoch: ev.epoch, state: 'failed', reason: ev.reason }).catch((e: unknown) =>
+        this.o.env.log('warn', 'could not report a resource failure; reconcile retries', { id: ev.id, error: String(e) }),
+      );
       this.queueReconcile();
     });
   }
