@@ -14,8 +14,8 @@ import { loadSnapshot, type LeaderRecord, type Snapshot } from './load.js';
 export const managerLimits = {
   /** a round runs at least this often, so time-based transitions happen without store events */
   tickEveryMs: 250,
-  /** ops in one txn; larger rounds are split (each part still guarded by leadership) */
-  txnOpsMax: 256,
+  /** ops (and compares) in one txn: etcd's default --max-txn-ops; larger rounds are split */
+  txnOpsMax: 128,
   /** events kept in the store; older ones are trimmed */
   eventsMax: 5000,
   /** trim the event log every this many rounds */
@@ -175,64 +175,106 @@ export class Manager {
     return { key: this.k.leader, target: 'modRevision', op: '==', value: this.leaderModRevision };
   }
 
+  /**
+   * Apply a round's decisions. Each decision becomes a unit (its writes, the guards it
+   * depends on, its events); units are packed in order into txns within etcd's limits, each
+   * txn guarded by our leadership plus every unit's own guards. The first txn that fails
+   * ends the round: the next round decides again from a fresh read.
+   */
   private async apply(snap: Snapshot, actions: Action[]): Promise<void> {
-    if (actions.length === 0) return;
-    const compare: Compare[] = [this.leaderGuard()];
-    const ops: TxnOp[] = [];
-    const events: ClusterEvent[] = [];
-    const fences: Extract<Action, { type: 'fence' }>[] = [];
-    const guard = (key: string) =>
-      compare.push({ key, target: 'modRevision', op: '==', value: snap.modRevisions.get(key) ?? 0 });
+    interface Unit {
+      compare: Compare[];
+      ops: TxnOp[];
+      events: ClusterEvent[];
+      fences: Extract<Action, { type: 'fence' }>[];
+    }
+    const units: Unit[] = [];
+    const guardOf = (key: string): Compare => ({
+      key,
+      target: 'modRevision',
+      op: '==',
+      value: snap.modRevisions.get(key) ?? 0,
+    });
     for (const a of actions) {
+      const u: Unit = { compare: [], ops: [], events: [], fences: [] };
       switch (a.type) {
         case 'setNode':
-          guard(this.k.nodeStatus(a.node));
-          ops.push({ type: 'put', key: this.k.nodeStatus(a.node), value: JSON.stringify(a.next) });
-          events.push(a.event);
+          u.compare.push(guardOf(this.k.nodeStatus(a.node)));
+          u.ops.push({ type: 'put', key: this.k.nodeStatus(a.node), value: JSON.stringify(a.next) });
+          u.events.push(a.event);
           break;
-        case 'fence':
-          fences.push(a);
-          events.push(a.event);
+        case 'fence': {
+          // runs only if the round's setNode for this node (the attempt count) committed
+          const statusKey = this.k.nodeStatus(a.node);
+          const owner = [...units]
+            .reverse()
+            .find((x) => x.ops.some((o) => o.type === 'put' && o.key === statusKey));
+          (owner ?? u).fences.push(a);
+          (owner ?? u).events.push(a.event);
           break;
+        }
         case 'fenceRecord':
-          guard(this.k.fence(a.record.node));
-          ops.push({ type: 'put', key: this.k.fence(a.record.node), value: JSON.stringify(a.record) });
-          events.push(a.event);
+          u.compare.push(guardOf(this.k.fence(a.record.node)));
+          u.ops.push({ type: 'put', key: this.k.fence(a.record.node), value: JSON.stringify(a.record) });
+          u.events.push(a.event);
           break;
         case 'setResource': {
           const prev = a.prev;
           if (prev) invariant(a.next.epoch >= prev.epoch, `${a.id}: epoch must not shrink`);
-          guard(this.k.assign(a.id));
+          u.compare.push(guardOf(this.k.assign(a.id)));
           // A new epoch is only safe while the old copy's evidence stands: the old node's
           // report and lease must be exactly what we read (an agent that just rejoined and
-          // claimed the resource invalidates this round).
+          // claimed the resource invalidates this decision).
           if (prev?.node && (a.next.epoch !== prev.epoch || a.next.node !== prev.node)) {
-            guard(this.k.status(prev.node, a.id));
-            guard(this.k.alive(prev.node));
+            u.compare.push(guardOf(this.k.status(prev.node, a.id)), guardOf(this.k.alive(prev.node)));
           }
-          ops.push({ type: 'put', key: this.k.assign(a.id), value: JSON.stringify(a.next) });
-          if (a.event) events.push(a.event);
+          u.ops.push({ type: 'put', key: this.k.assign(a.id), value: JSON.stringify(a.next) });
+          if (a.event) u.events.push(a.event);
           break;
         }
         case 'deleteResource':
-          guard(this.k.assign(a.id));
-          ops.push({ type: 'delete', key: this.k.assign(a.id) });
-          events.push(a.event);
+          u.compare.push(guardOf(this.k.assign(a.id)));
+          u.ops.push({ type: 'delete', key: this.k.assign(a.id) });
+          u.events.push(a.event);
           break;
         case 'consumeCleanup':
-          ops.push({ type: 'delete', key: this.k.cleanup(a.id) });
+          u.ops.push({ type: 'delete', key: this.k.cleanup(a.id) });
           break;
       }
+      if (u.ops.length > 0 || u.fences.length > 0) units.push(u);
     }
-    for (const e of events) ops.push({ type: 'put', key: this.eventKey(e), value: JSON.stringify(e) });
-    // One txn keeps a round atomic; a huge round is split, each part guarded the same way.
-    for (let i = 0; i < ops.length; i += managerLimits.txnOpsMax) {
-      const part = ops.slice(i, i + managerLimits.txnOpsMax);
-      const r = await this.o.store.txn({ compare: i === 0 ? compare : [this.leaderGuard()], success: part });
-      if (!r.succeeded) return; // something changed under us (or we lost the lead): decide again
+    let batch: Unit[] = [];
+    let nOps = 0;
+    let nCompare = 1;
+    const flush = async (): Promise<boolean> => {
+      if (batch.length === 0) return true;
+      const compare = [this.leaderGuard(), ...batch.flatMap((u) => u.compare)];
+      const ops = batch.flatMap((u) => [
+        ...u.ops,
+        ...u.events.map((e): TxnOp => ({ type: 'put', key: this.eventKey(e), value: JSON.stringify(e) })),
+      ]);
+      const done = batch;
+      batch = [];
+      nOps = 0;
+      nCompare = 1;
+      const r = ops.length > 0 ? await this.o.store.txn({ compare, success: ops }) : { succeeded: true };
+      if (!r.succeeded) return false; // something changed under us (or we lost the lead)
+      for (const u of done) {
+        for (const e of u.events) this.o.onEvent?.(e);
+        for (const f of u.fences) void this.runFence(f.node, f.incarnation, f.deadlineMs);
+      }
+      return true;
+    };
+    for (const u of units) {
+      const uOps = u.ops.length + u.events.length;
+      if (nOps + uOps > managerLimits.txnOpsMax || nCompare + u.compare.length > managerLimits.txnOpsMax) {
+        if (!(await flush())) return;
+      }
+      batch.push(u);
+      nOps += uOps;
+      nCompare += u.compare.length;
     }
-    for (const e of events) this.o.onEvent?.(e);
-    for (const f of fences) void this.runFence(f.node, f.incarnation, f.deadlineMs);
+    await flush();
   }
 
   private async runFence(node: string, incarnation: number, deadlineMs: number): Promise<void> {
