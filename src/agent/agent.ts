@@ -99,7 +99,10 @@ export class Agent {
     o.driver.onEvent((ev) => {
       // the store may be unreachable right now: never let a lost report crash the agent
       this.report(ev.id, { epoch: ev.epoch, state: 'failed', reason: ev.reason }).catch((e: unknown) =>
-        this.o.env.log('warn', 'could not report a resource failure; reconcile retries', { id: ev.id, error: String(e) }),
+        this.o.env.log('warn', 'could not report a resource failure; reconcile retries', {
+          id: ev.id,
+          error: String(e),
+        }),
       );
       this.queueReconcile();
     });
