@@ -28,7 +28,8 @@ export interface LeaderRecord {
 export interface Snapshot {
   revision: number;
   flags: ClusterFlags;
-  leader?: LeaderRecord & { modRevision: number };
+  /** lease: the lease the leader key is bound to */
+  leader?: LeaderRecord & { modRevision: number; lease: number };
   term: number;
   termModRevision: number;
   nodes: Map<string, NodeView>;
@@ -156,7 +157,10 @@ export async function loadSnapshot(store: Store, cluster: string): Promise<Snaps
   return {
     revision: res.revision,
     flags,
-    leader: leader && leaderKv ? { ...leader, modRevision: leaderKv.modRevision } : undefined,
+    leader:
+      leader && leaderKv
+        ? { ...leader, modRevision: leaderKv.modRevision, lease: leaderKv.lease }
+        : undefined,
     term: termKv ? Number(termKv.value) || 0 : 0,
     termModRevision: termKv?.modRevision ?? 0,
     nodes,

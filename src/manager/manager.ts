@@ -107,7 +107,7 @@ export class Manager {
       this.leaderModRevision = 0;
     }
     const snap = await loadSnapshot(this.o.store, this.o.cluster);
-    if (!this.checkLeadership(snap)) {
+    if (!this.checkLeadership(snap, lease)) {
       await this.campaign(snap, lease);
       return;
     }
@@ -118,8 +118,20 @@ export class Manager {
     if (++this.rounds % managerLimits.trimEveryRounds === 0) await this.trimEvents();
   }
 
-  private checkLeadership(snap: Snapshot): boolean {
+  private checkLeadership(snap: Snapshot, lease: number): boolean {
     const l = snap.leader;
+    // Our own key, of the term we won, still bound to our live lease: a failed round made us
+    // forget it, not lose it (nobody else can hold it while our lease lives). Without this the
+    // key blocks every campaign, ours included, for as long as we keep renewing: no leader acts.
+    if (
+      l &&
+      this.leaderModRevision === 0 &&
+      this.term > 0 &&
+      l.node === this.o.self &&
+      l.term === this.term &&
+      l.lease === lease
+    )
+      this.leaderModRevision = l.modRevision;
     const mine = l !== undefined && l.node === this.o.self && l.modRevision === this.leaderModRevision;
     if (!mine) this.leaderModRevision = 0;
     return mine;
