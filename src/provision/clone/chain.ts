@@ -1,0 +1,60 @@
+// The chain, as the server (coordinator) sees it: pure decisions, no I/O, no clock.
+// The server feeds the first receiver; each receiver feeds the next. Links carry a generation:
+// a new link gets a fresh, larger generation, so a downstream always prefers its newest upstream
+// and a stale upstream (one the server routed around) is refused.
+
+export const serverName = '@server';
+
+/** upstream name -> downstream name (null: the end of the chain). */
+export type Links = ReadonlyMap<string, string | null>;
+
+export function linksOf(chain: readonly string[]): Map<string, string | null> {
+  const links = new Map<string, string | null>();
+  const all = [serverName, ...chain];
+  for (let i = 0; i < all.length; i++) links.set(all[i]!, all[i + 1] ?? null);
+  return links;
+}
+
+/** Upstreams whose downstream changed between two chains (they must be told their new route). */
+export function changedUpstreams(prev: Links, next: Links): string[] {
+  const out: string[] = [];
+  for (const [up, down] of next) if (!prev.has(up) || prev.get(up) !== down) out.push(up);
+  return out;
+}
+
+export function without(chain: readonly string[], name: string): string[] {
+  return chain.filter((n) => n !== name);
+}
+
+export function moveToEnd(chain: readonly string[], name: string): string[] {
+  return chain.includes(name) ? [...without(chain, name), name] : [...chain];
+}
+
+export interface LagView {
+  name: string;
+  writtenBytes: number;
+  /** The receiver paused itself because its own downstream is slow (it is not the slow one). */
+  blocked: boolean;
+  moves: number;
+}
+
+/**
+ * The receiver to move to the end of the chain, if any: the first one (from the head) that is more
+ * than lagMaxBytes behind its upstream, is not last, is not blocked by its own downstream, and has
+ * not been moved movesMax times already.
+ */
+export function slowReceiver(
+  chain: readonly LagView[],
+  upstreamOfFirstBytes: number,
+  sizeBytes: number,
+  lagMaxBytes: number,
+  movesMax: number,
+): string | null {
+  for (let i = 0; i < chain.length - 1; i++) {
+    const r = chain[i]!;
+    const upBytes = i === 0 ? upstreamOfFirstBytes : chain[i - 1]!.writtenBytes;
+    if (r.writtenBytes >= sizeBytes || r.blocked || r.moves >= movesMax) continue;
+    if (upBytes - r.writtenBytes > lagMaxBytes) return r.name;
+  }
+  return null;
+}

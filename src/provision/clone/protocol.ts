@@ -1,0 +1,265 @@
+// Wire protocol of `corral clone`.
+//
+// Two kinds of connections:
+//   control  receiver -> server, newline-delimited JSON (schemas below, zod at the edge).
+//            The server opens with a challenge; the receiver answers with an HMAC of it under the
+//            session secret, and the server proves it knows the secret too (mutual).
+//   data     upstream -> downstream (the server or a receiver feeding the next receiver), binary frames.
+//            The upstream opens with HELLO (self-authenticating: HMAC over session, both names and the
+//            link generation), the downstream answers READY with the offset it holds (resume point),
+//            then HEADER, DATA/ZERO frames in offset order, END. The downstream sends ACKs back.
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { z } from 'zod';
+import { CloneProtocolError } from './errors.js';
+
+export const protocolVersion = 1;
+
+// ---- limits (named bounds, STYLE habit 6) ----
+export const limits = {
+  /** Largest payload a frame may carry (a chunk is at most this, compressed or not). */
+  framePayloadMaxBytes: 16 * 1024 * 1024,
+  /** Largest control line. */
+  controlLineMaxBytes: 64 * 1024,
+  /** Smallest and largest chunk the server may choose. */
+  chunkMinBytes: 4096,
+  chunkMaxBytes: 8 * 1024 * 1024,
+  secretMinChars: 16,
+} as const;
+
+// ---- frames ----
+export const FrameType = {
+  hello: 1,
+  ready: 2,
+  reject: 3,
+  header: 4,
+  data: 5,
+  zero: 6,
+  end: 7,
+  ack: 8,
+} as const;
+export type FrameTypeCode = (typeof FrameType)[keyof typeof FrameType];
+export const frameFlagDeflate = 1;
+/** On an ACK: the downstream has everything and has verified it (the link may close). */
+export const frameFlagFinal = 2;
+export const frameHeaderBytes = 24;
+
+export interface Frame {
+  type: FrameTypeCode;
+  flags: number;
+  /** Byte offset in the stream (DATA/ZERO), acknowledged offset (ACK/READY), size (END). */
+  offset: number;
+  /** Logical bytes covered (DATA/ZERO); 0 otherwise. */
+  lengthBytes: number;
+  payload: Buffer;
+}
+
+const validTypes = new Set<number>(Object.values(FrameType));
+
+export function encodeFrameHeader(f: Omit<Frame, 'payload'>, payloadBytes: number): Buffer {
+  const h = Buffer.alloc(frameHeaderBytes);
+  h.writeUInt8(f.type, 0);
+  h.writeUInt8(f.flags, 1);
+  h.writeBigUInt64BE(BigInt(f.offset), 4);
+  h.writeUInt32BE(f.lengthBytes, 12);
+  h.writeUInt32BE(payloadBytes, 16);
+  return h;
+}
+
+/** Header and payload as separate buffers (no copy of the payload). */
+export function encodeFrame(f: Frame): Buffer[] {
+  const h = encodeFrameHeader(f, f.payload.length);
+  return f.payload.length > 0 ? [h, f.payload] : [h];
+}
+
+export function jsonFrame(type: FrameTypeCode, value: unknown, offset = 0): Frame {
+  return { type, flags: 0, offset, lengthBytes: 0, payload: Buffer.from(JSON.stringify(value)) };
+}
+
+/** Incremental frame parser: push socket chunks, get whole frames. Copies each byte at most once. */
+export class FrameParser {
+  private chunks: Buffer[] = [];
+  private bufferedBytes = 0;
+  private pending: Omit<Frame, 'payload'> | null = null;
+  private pendingPayloadBytes = 0;
+
+  push(data: Buffer): Frame[] {
+    this.chunks.push(data);
+    this.bufferedBytes += data.length;
+    const out: Frame[] = [];
+    for (;;) {
+      if (this.pending === null) {
+        if (this.bufferedBytes < frameHeaderBytes) break;
+        const h = this.take(frameHeaderBytes);
+        const type = h.readUInt8(0);
+        if (!validTypes.has(type)) throw new CloneProtocolError(`unknown frame type ${type}`);
+        const offsetBig = h.readBigUInt64BE(4);
+        if (offsetBig > BigInt(Number.MAX_SAFE_INTEGER))
+          throw new CloneProtocolError('frame offset out of range');
+        const payloadBytes = h.readUInt32BE(16);
+        if (payloadBytes > limits.framePayloadMaxBytes)
+          throw new CloneProtocolError(
+            `frame payload ${payloadBytes} bytes exceeds ${limits.framePayloadMaxBytes}`,
+          );
+        this.pending = {
+          type: type as FrameTypeCode,
+          flags: h.readUInt8(1),
+          offset: Number(offsetBig),
+          lengthBytes: h.readUInt32BE(12),
+        };
+        this.pendingPayloadBytes = payloadBytes;
+      }
+      if (this.bufferedBytes < this.pendingPayloadBytes) break;
+      const payload = this.pendingPayloadBytes > 0 ? this.take(this.pendingPayloadBytes) : Buffer.alloc(0);
+      out.push({ ...this.pending, payload });
+      this.pending = null;
+    }
+    return out;
+  }
+
+  private take(n: number): Buffer {
+    const first = this.chunks[0]!;
+    if (first.length >= n) {
+      const res = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      this.bufferedBytes -= n;
+      return res;
+    }
+    const res = Buffer.allocUnsafe(n);
+    let filled = 0;
+    while (filled < n) {
+      const c = this.chunks[0]!;
+      const want = n - filled;
+      if (c.length <= want) {
+        c.copy(res, filled);
+        filled += c.length;
+        this.chunks.shift();
+      } else {
+        c.copy(res, filled, 0, want);
+        this.chunks[0] = c.subarray(want);
+        filled += want;
+      }
+    }
+    this.bufferedBytes -= n;
+    return res;
+  }
+}
+
+// ---- stream header ----
+export const StreamHeader = z.object({
+  v: z.literal(protocolVersion),
+  session: z.string().min(1),
+  source: z.string(),
+  sizeBytes: z.number().int().nonnegative(),
+  sha256: z.string().regex(/^[0-9a-f]{64}$/),
+  chunkBytes: z.number().int().min(limits.chunkMinBytes).max(limits.chunkMaxBytes),
+  compress: z.enum(['none', 'deflate']),
+});
+export type StreamHeader = z.infer<typeof StreamHeader>;
+
+export function sameStream(a: StreamHeader, b: StreamHeader): string | null {
+  if (a.session !== b.session) return `session '${b.session}' is not '${a.session}'`;
+  if (a.sizeBytes !== b.sizeBytes) return `size ${b.sizeBytes} is not ${a.sizeBytes}`;
+  if (a.sha256 !== b.sha256) return `source checksum ${b.sha256} is not ${a.sha256}`;
+  if (a.source !== b.source) return `source '${b.source}' is not '${a.source}'`;
+  return null;
+}
+
+export const LinkHello = z.object({
+  session: z.string(),
+  from: z.string(),
+  to: z.string(),
+  gen: z.number().int().nonnegative(),
+  mac: z.string(),
+});
+export type LinkHello = z.infer<typeof LinkHello>;
+
+// ---- control messages ----
+const name = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._-]*$/, 'letters, digits, . _ - only');
+
+export const ToServer = z.discriminatedUnion('t', [
+  z.object({
+    t: z.literal('hello'),
+    v: z.literal(protocolVersion),
+    session: z.string().min(1),
+    name,
+    mac: z.string(),
+    clientNonce: z.string().min(16),
+    dataPort: z.number().int().min(1).max(65535),
+    dataHost: z.string().nullable(),
+    targetBytes: z.number().int().nonnegative().nullable(),
+  }),
+  z.object({
+    t: z.literal('progress'),
+    writtenBytes: z.number().int().nonnegative(),
+    rateBps: z.number().nonnegative(),
+    blocked: z.boolean(),
+    forwardTo: z.string().nullable(),
+    forwardAckBytes: z.number().int().nonnegative(),
+  }),
+  z.object({ t: z.literal('done'), sha256: z.string(), ok: z.boolean(), writtenBytes: z.number().int() }),
+  z.object({ t: z.literal('failed'), reason: z.string() }),
+  z.object({ t: z.literal('link-failed'), to: z.string(), reason: z.string() }),
+]);
+export type ToServer = z.infer<typeof ToServer>;
+
+const Route = z.object({
+  to: z.string(),
+  host: z.string(),
+  port: z.number().int(),
+  gen: z.number().int().nonnegative(),
+});
+export type Route = z.infer<typeof Route>;
+
+export const ToReceiver = z.discriminatedUnion('t', [
+  z.object({ t: z.literal('challenge'), v: z.literal(protocolVersion), nonce: z.string() }),
+  z.object({ t: z.literal('refused'), code: z.string(), reason: z.string() }),
+  z.object({ t: z.literal('welcome'), header: StreamHeader, serverMac: z.string() }),
+  z.object({ t: z.literal('route'), downstream: Route.nullable() }),
+  z.object({ t: z.literal('finish'), reason: z.string() }),
+]);
+export type ToReceiver = z.infer<typeof ToReceiver>;
+
+// ---- authentication ----
+export function mac(secret: string, ...parts: (string | number)[]): string {
+  return createHmac('sha256', secret).update(parts.join('\n')).digest('hex');
+}
+
+export function macEqual(a: string, b: string): boolean {
+  const ab = Buffer.from(a, 'utf8');
+  const bb = Buffer.from(b, 'utf8');
+  return ab.length === bb.length && timingSafeEqual(ab, bb);
+}
+
+export const helloMac = (secret: string, nonce: string, session: string, who: string) =>
+  mac(secret, 'corral-clone/hello', nonce, session, who);
+export const welcomeMac = (secret: string, clientNonce: string, session: string) =>
+  mac(secret, 'corral-clone/welcome', clientNonce, session);
+export const linkMac = (secret: string, session: string, from: string, to: string, gen: number) =>
+  mac(secret, 'corral-clone/link', session, from, to, gen);
+
+export function newNonce(): string {
+  return randomBytes(16).toString('hex');
+}
+
+export function newSecret(): string {
+  return randomBytes(24).toString('base64url');
+}
+
+/** Splits a byte stream into bounded JSON lines. */
+export class LineSplitter {
+  private buf = '';
+  constructor(private readonly maxBytes: number = limits.controlLineMaxBytes) {}
+  push(data: Buffer): string[] {
+    this.buf += data.toString('utf8');
+    const lines = this.buf.split('\n');
+    this.buf = lines.pop() ?? '';
+    if (this.buf.length > this.maxBytes)
+      throw new CloneProtocolError(`control line longer than ${this.maxBytes} bytes`);
+    return lines.filter((l) => l.trim().length > 0);
+  }
+}

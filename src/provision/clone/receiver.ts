@@ -1,0 +1,672 @@
+// `corral clone receive`: join a session, write the stream to the target, forward it downstream.
+//
+// Order of checks: the server must prove the secret (welcome MAC) and the stream header must fit the
+// target before the target is even opened for writing. Every data link re-checks the header.
+import { createHash, type Hash } from 'node:crypto';
+import { constants as fsc } from 'node:fs';
+import { open, readFile, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
+import { createServer, type Server, type Socket } from 'node:net';
+import { promisify } from 'node:util';
+import { inflateRaw as inflateRawCb } from 'node:zlib';
+import { z } from 'zod';
+import { ControlConn } from './control.js';
+import { CloneRefusedError, CloneTargetError, CloneUnreachableError } from './errors.js';
+import { Forwarder, FrameRing, Pulse, connectTcp, sleep } from './forwarder.js';
+import {
+  FrameParser,
+  FrameType,
+  LinkHello,
+  StreamHeader,
+  ToReceiver,
+  encodeFrame,
+  frameFlagDeflate,
+  frameFlagFinal,
+  helloMac,
+  jsonFrame,
+  linkMac,
+  macEqual,
+  newNonce,
+  protocolVersion,
+  sameStream,
+  welcomeMac,
+  type Frame,
+  type ToServer,
+} from './protocol.js';
+import { ProgressLine, RateMeter, fmtBytes, fmtEta, fmtRate } from './progress.js';
+import { hashInto, volumeInfo, writeFully, zeros } from './volume.js';
+
+const inflateRaw = promisify(inflateRawCb);
+
+export interface ReceiverLimits {
+  /** Frames queued from the upstream before its socket is paused. */
+  inQueueMaxBytes: number;
+  /** Written but not yet forwarded bytes before this receiver stops taking data (back-pressure). */
+  forwardLagMaxBytes: number;
+  /** Recently received frames kept in memory for forwarding. */
+  ringMaxBytes: number;
+  /** fdatasync + state file every so many bytes (the rejoin point after a crash). */
+  checkpointEveryBytes: number;
+  ackEveryBytes: number;
+  progressEveryMs: number;
+  connectAttemptsMax: number;
+  connectRetryDelayMs: number;
+  challengeTimeoutMs: number;
+  /** Waiting for the welcome (the server may still be hashing the source). */
+  welcomeTimeoutMs: number;
+  linkHelloTimeoutMs: number;
+  /** Attempts to rejoin after losing the control connection mid-stream. */
+  rejoinAttemptsMax: number;
+}
+
+export const defaultReceiverLimits: ReceiverLimits = {
+  inQueueMaxBytes: 8 * 1024 * 1024,
+  forwardLagMaxBytes: 64 * 1024 * 1024,
+  ringMaxBytes: 16 * 1024 * 1024,
+  checkpointEveryBytes: 32 * 1024 * 1024,
+  ackEveryBytes: 4 * 1024 * 1024,
+  progressEveryMs: 250,
+  connectAttemptsMax: 10,
+  connectRetryDelayMs: 500,
+  challengeTimeoutMs: 5000,
+  welcomeTimeoutMs: 30 * 60_000,
+  linkHelloTimeoutMs: 5000,
+  rejoinAttemptsMax: 20,
+};
+
+export interface ReceiverOptions {
+  serverHost: string;
+  serverPort: number;
+  session: string;
+  name: string;
+  target: string;
+  secret: string;
+  /** Address the upstream should use to reach this receiver (default: as the server sees us). */
+  dataHost: string | null;
+  dataPort: number;
+  /** Where the rejoin point is kept (default: TARGET.corral-clone.json, or /var/lib/corral for devices). */
+  stateFile: string | null;
+  /** The target is known to read as zeros (fresh disk/thin volume): zero blocks are not written. */
+  targetZeroed: boolean;
+  /** Testing and demos: cap this receiver's write rate. */
+  throttleBps: number | null;
+  limits: ReceiverLimits;
+  quiet: boolean;
+}
+
+export interface ReceiverResult {
+  ok: boolean;
+  sha256: string;
+  expectedSha256: string;
+  writtenBytes: number;
+  resumedFromBytes: number;
+}
+
+const ResumeState = z.object({
+  session: z.string(),
+  sha256: z.string(),
+  sizeBytes: z.number().int(),
+  verifiedBytes: z.number().int().nonnegative(),
+});
+type ResumeState = z.infer<typeof ResumeState>;
+
+function defaultStateFile(target: string, isBlockDevice: boolean): string {
+  return isBlockDevice
+    ? `/var/lib/corral/clone-${target.replace(/[^A-Za-z0-9]+/g, '_')}.json`
+    : `${target}.corral-clone.json`;
+}
+
+async function readResumeState(path: string, h: StreamHeader): Promise<number> {
+  let raw: string;
+  try {
+    raw = await readFile(path, 'utf8');
+  } catch {
+    return 0;
+  }
+  const r = ResumeState.safeParse(JSON.parse(raw));
+  if (!r.success) return 0;
+  const s = r.data;
+  if (s.session !== h.session || s.sha256 !== h.sha256 || s.sizeBytes !== h.sizeBytes) return 0;
+  return Math.min(s.verifiedBytes, h.sizeBytes);
+}
+
+async function writeResumeState(path: string, s: ResumeState): Promise<void> {
+  const tmp = `${path}.tmp`;
+  await writeFile(tmp, JSON.stringify(s));
+  await rename(tmp, path);
+}
+
+export class Receiver {
+  private readonly o: ReceiverOptions;
+  private readonly progress: ProgressLine;
+  private header: StreamHeader | null = null;
+  private fh: FileHandle | null = null;
+  private hash: Hash = createHash('sha256');
+  private writtenBytes = 0;
+  private resumedFromBytes = 0;
+  private lastCheckpointBytes = 0;
+  private lastAckBytes = 0;
+  private readonly written = new Pulse();
+  private readonly ring: FrameRing;
+  private forwarder: Forwarder | null = null;
+  private control: ControlConn<ToReceiver> | null = null;
+  private dataServer: Server | null = null;
+  private upstream: { sock: Socket; connId: number; gen: number; headerOk: boolean } | null = null;
+  private connSeq = 0;
+  private upstreamGen = -1;
+  private queue: { connId: number; f: Frame }[] = [];
+  private queuedBytes = 0;
+  private processing = false;
+  private idle = new Pulse();
+  private blocked = false;
+  private final: ReceiverResult | null = null;
+  private finishResolve: ((r: ReceiverResult) => void) | null = null;
+  private fail: ((e: Error) => void) | null = null;
+  private readonly rate = new RateMeter();
+  private rateBps = 0;
+  private timers: NodeJS.Timeout[] = [];
+  private stopped = false;
+  private throttleStartMs = 0;
+  private throttledBytes = 0;
+  private sparseTarget = false;
+  private stateFile = '';
+
+  constructor(o: ReceiverOptions) {
+    this.o = o;
+    this.ring = new FrameRing(o.limits.ringMaxBytes);
+    this.progress = new ProgressLine(process.stderr, o.quiet);
+  }
+
+  private log(msg: string): void {
+    this.progress.log(`clone receive ${this.o.name}: ${msg}`);
+  }
+
+  async run(): Promise<ReceiverResult> {
+    const info = await volumeInfo(this.o.target);
+    this.stateFile = this.o.stateFile ?? defaultStateFile(this.o.target, info.isBlockDevice);
+    const dataPort = await this.listenData();
+    try {
+      const header = await this.join(dataPort, info.isBlockDevice ? info.sizeBytes : null);
+      await this.openTarget(header, info.isBlockDevice);
+      return await new Promise<ReceiverResult>((resolve, reject) => {
+        this.finishResolve = resolve;
+        this.fail = reject;
+        this.startStreaming();
+      });
+    } finally {
+      this.stop();
+    }
+  }
+
+  private stop(): void {
+    if (this.stopped) return;
+    this.stopped = true;
+    for (const t of this.timers) clearInterval(t);
+    this.forwarder?.close();
+    this.upstream?.sock.destroy();
+    this.dataServer?.close();
+    this.control?.close('receiver stopping');
+    void this.fh?.close().catch(() => undefined);
+    this.progress.done();
+  }
+
+  private listenData(): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const srv = createServer((sock) => this.onDataConnection(sock));
+      srv.once('error', (err) =>
+        reject(new CloneTargetError(`--data-port ${this.o.dataPort}`, `cannot listen: ${err.message}`)),
+      );
+      srv.listen(this.o.dataPort, () => {
+        this.dataServer = srv;
+        const a = srv.address();
+        resolve(typeof a === 'object' && a ? a.port : this.o.dataPort);
+      });
+    });
+  }
+
+  /** Connects, authenticates both ways, returns the checked stream header. */
+  private async join(dataPort: number, targetBytes: number | null): Promise<StreamHeader> {
+    const where = `${this.o.serverHost}:${this.o.serverPort}`;
+    let sock: Socket | null = null;
+    let lastErr = '';
+    for (let i = 0; i < this.o.limits.connectAttemptsMax && !sock; i++) {
+      try {
+        sock = await connectTcp(this.o.serverHost, this.o.serverPort, 3000);
+      } catch (err) {
+        lastErr = (err as Error).message;
+        await sleep(this.o.limits.connectRetryDelayMs);
+      }
+    }
+    if (!sock) throw new CloneUnreachableError(`--server ${where}`, lastErr);
+    sock.write(`corral-clone ${protocolVersion}\n`);
+    const ctl = new ControlConn(sock, ToReceiver);
+    this.control = ctl;
+    const challenge = await ctl.next(this.o.limits.challengeTimeoutMs).catch((err: Error) => {
+      throw new CloneUnreachableError(`--server ${where}`, err.message);
+    });
+    if (challenge.t !== 'challenge')
+      throw new CloneRefusedError('protocol', `--server ${where}: expected a challenge`);
+    const clientNonce = newNonce();
+    const hello: ToServer = {
+      t: 'hello',
+      v: protocolVersion,
+      session: this.o.session,
+      name: this.o.name,
+      mac: helloMac(this.o.secret, challenge.nonce, this.o.session, this.o.name),
+      clientNonce,
+      dataPort,
+      dataHost: this.o.dataHost,
+      targetBytes,
+    };
+    ctl.send(hello);
+    const reply = await ctl.next(this.o.limits.welcomeTimeoutMs).catch((err: Error) => {
+      throw new CloneUnreachableError(`--server ${where}`, `no welcome: ${err.message}`);
+    });
+    if (reply.t === 'refused') {
+      throw new CloneRefusedError(
+        reply.code,
+        `--server ${where} refused session '${this.o.session}': ${reply.reason}`,
+        reply.code === 'auth'
+          ? 'use the secret printed by `corral clone serve` (--secret-file on both sides)'
+          : reply.code === 'session'
+            ? 'give the session name the server was started with (--session)'
+            : undefined,
+      );
+    }
+    if (reply.t !== 'welcome')
+      throw new CloneRefusedError('protocol', `--server ${where}: expected a welcome`);
+    if (!macEqual(reply.serverMac, welcomeMac(this.o.secret, clientNonce, this.o.session)))
+      throw new CloneRefusedError(
+        'auth',
+        `--server ${where} could not prove the session secret; nothing was written`,
+        'the server is not the one you expect, or the secrets differ',
+      );
+    const h = reply.header;
+    if (h.session !== this.o.session)
+      throw new CloneRefusedError(
+        'session',
+        `stream header names session '${h.session}', not '${this.o.session}'`,
+      );
+    if (targetBytes !== null && targetBytes < h.sizeBytes) {
+      const msg = `target is ${targetBytes} bytes, smaller than the source '${h.source}' (${h.sizeBytes} bytes)`;
+      ctl.send({ t: 'failed', reason: msg } satisfies ToServer);
+      throw new CloneTargetError(
+        `--target ${this.o.target}`,
+        `${msg}; nothing was written`,
+        'use a disk at least as large as the source',
+      );
+    }
+    this.header = h;
+    return h;
+  }
+
+  private async openTarget(h: StreamHeader, isBlockDevice: boolean): Promise<void> {
+    const resumeBytes = await readResumeState(this.stateFile, h);
+    const flags = isBlockDevice ? fsc.O_RDWR | fsc.O_EXCL : fsc.O_RDWR | fsc.O_CREAT;
+    try {
+      this.fh = await open(this.o.target, flags, 0o644);
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      this.control?.send({ t: 'failed', reason: `cannot open target: ${e.message}` } satisfies ToServer);
+      throw new CloneTargetError(
+        `--target ${this.o.target}`,
+        `cannot open for writing: ${e.message}`,
+        e.code === 'EBUSY' ? 'the device is in use (mounted?): unmount it first' : undefined,
+      );
+    }
+    // A regular file is made sparse and exactly the source's size; zero blocks then need no write.
+    this.sparseTarget = !isBlockDevice || this.o.targetZeroed;
+    if (resumeBytes > 0) {
+      this.log(`resuming from ${fmtBytes(resumeBytes)} (rehashing what is already written)`);
+      await hashInto(this.hash, this.fh, resumeBytes, h.chunkBytes);
+      if (!isBlockDevice) await this.fh.truncate(h.sizeBytes);
+    } else if (!isBlockDevice) {
+      await this.fh.truncate(0);
+      await this.fh.truncate(h.sizeBytes);
+    }
+    this.writtenBytes = resumeBytes;
+    this.resumedFromBytes = resumeBytes;
+    this.lastCheckpointBytes = resumeBytes;
+    this.lastAckBytes = resumeBytes;
+  }
+
+  private startStreaming(): void {
+    const h = this.header!;
+    this.forwarder = new Forwarder({
+      self: this.o.name,
+      secret: this.o.secret,
+      header: h,
+      fh: this.fh!,
+      available: () => this.writtenBytes,
+      written: this.written,
+      ring: this.ring,
+      throttleBps: null,
+      log: (m) => this.log(m),
+      onLinkFailed: (to, reason) => this.control?.send({ t: 'link-failed', to, reason } satisfies ToServer),
+    });
+    this.attachControl(this.control!);
+    this.timers.push(setInterval(() => this.tick(), this.o.limits.progressEveryMs));
+    this.log(
+      `joined session '${h.session}': ${h.source}, ${fmtBytes(h.sizeBytes)}, sha256 ${h.sha256.slice(0, 16)}...`,
+    );
+    if (this.writtenBytes >= h.sizeBytes) void this.finalize();
+  }
+
+  private attachControl(ctl: ControlConn<ToReceiver>): void {
+    ctl.onMessage((m) => {
+      if (m.t === 'route') {
+        if (m.downstream)
+          this.log(`forwarding to ${m.downstream.to} (${m.downstream.host}:${m.downstream.port})`);
+        else if (this.forwarder?.downstream) this.log('end of the chain now');
+        this.forwarder?.setRoute(m.downstream);
+      } else if (m.t === 'finish') {
+        if (this.final) this.finishResolve?.(this.final);
+        else this.fail?.(new CloneTargetError(`--target ${this.o.target}`, `session ended: ${m.reason}`));
+      }
+    });
+    ctl.onClose((reason) => {
+      if (this.stopped || this.control !== ctl) return;
+      if (this.final) {
+        this.finishResolve?.(this.final);
+        return;
+      }
+      this.log(`lost the server (${reason}); rejoining`);
+      void this.rejoin();
+    });
+  }
+
+  private async rejoin(): Promise<void> {
+    this.forwarder?.setRoute(null);
+    for (let i = 0; i < this.o.limits.rejoinAttemptsMax && !this.stopped; i++) {
+      await sleep(this.o.limits.connectRetryDelayMs);
+      try {
+        const a = this.dataServer!.address();
+        const port = typeof a === 'object' && a ? a.port : this.o.dataPort;
+        const h = await this.join(port, null);
+        const diff = sameStream(this.header!, h);
+        if (diff) throw new CloneRefusedError('session', `the server now streams something else: ${diff}`);
+        this.attachControl(this.control!);
+        this.log(`rejoined at ${fmtBytes(this.writtenBytes)}`);
+        if (this.final) this.sendDone();
+        return;
+      } catch (err) {
+        if (err instanceof CloneRefusedError) {
+          this.fail?.(err);
+          return;
+        }
+      }
+    }
+    this.fail?.(
+      new CloneUnreachableError(`--server ${this.o.serverHost}:${this.o.serverPort}`, 'rejoin failed'),
+    );
+  }
+
+  private tick(): void {
+    const h = this.header!;
+    this.rateBps = this.rate.add(Date.now(), this.writtenBytes);
+    this.control?.send({
+      t: 'progress',
+      writtenBytes: this.writtenBytes,
+      rateBps: Math.round(this.rateBps),
+      blocked: this.blocked,
+      forwardTo: this.forwarder?.downstream ?? null,
+      forwardAckBytes: this.forwarder?.ackBytes ?? 0,
+    } satisfies ToServer);
+    const pct = h.sizeBytes > 0 ? Math.floor((this.writtenBytes * 100) / h.sizeBytes) : 100;
+    const fwd = this.forwarder?.downstream ? ` -> ${this.forwarder.downstream}` : '';
+    this.progress.update(
+      `${this.o.name}: ${fmtBytes(this.writtenBytes)}/${fmtBytes(h.sizeBytes)} ${pct}% ${fmtRate(this.rateBps)} ETA ${fmtEta(h.sizeBytes - this.writtenBytes, this.rateBps)}${fwd}${this.blocked ? ' (waiting for downstream)' : ''}`,
+    );
+  }
+
+  // ---- data links ----
+
+  private onDataConnection(sock: Socket): void {
+    sock.setNoDelay(true);
+    const parser = new FrameParser();
+    let conn: { sock: Socket; connId: number; gen: number; headerOk: boolean } | null = null;
+    const helloTimer = setTimeout(() => sock.destroy(), this.o.limits.linkHelloTimeoutMs);
+    sock.on('error', () => undefined);
+    sock.on('close', () => {
+      clearTimeout(helloTimer);
+      // this.upstream stays: frames it sent before closing (END) are still processed in order.
+    });
+    sock.on('data', (d: Buffer) => {
+      let frames: Frame[];
+      try {
+        frames = parser.push(d);
+      } catch (err) {
+        this.log(`dropping link from upstream: ${(err as Error).message}`);
+        sock.destroy();
+        return;
+      }
+      for (const f of frames) {
+        if (!conn) {
+          clearTimeout(helloTimer);
+          conn = this.acceptLink(sock, f);
+          if (!conn) return;
+          continue;
+        }
+        this.queue.push({ connId: conn.connId, f });
+        this.queuedBytes += f.payload.length;
+      }
+      if (this.queuedBytes > this.o.limits.inQueueMaxBytes) sock.pause();
+      void this.processQueue();
+    });
+  }
+
+  private reject(sock: Socket, reason: string): null {
+    for (const p of encodeFrame(jsonFrame(FrameType.reject, { reason }))) sock.write(p);
+    sock.end();
+    return null;
+  }
+
+  private acceptLink(
+    sock: Socket,
+    f: Frame,
+  ): { sock: Socket; connId: number; gen: number; headerOk: boolean } | null {
+    const h = this.header;
+    if (f.type !== FrameType.hello || !h || this.stopped) return this.reject(sock, 'expected HELLO');
+    let hello: LinkHello;
+    try {
+      hello = LinkHello.parse(JSON.parse(f.payload.toString()));
+    } catch {
+      return this.reject(sock, 'bad HELLO');
+    }
+    if (hello.session !== h.session) return this.reject(sock, `wrong session '${hello.session}'`);
+    if (hello.to !== this.o.name) return this.reject(sock, `this is ${this.o.name}, not ${hello.to}`);
+    if (!macEqual(hello.mac, linkMac(this.o.secret, h.session, hello.from, hello.to, hello.gen)))
+      return this.reject(sock, 'bad link MAC');
+    if (hello.gen < this.upstreamGen) return this.reject(sock, `stale link generation ${hello.gen}`);
+    // The newest upstream wins: drop the old link and whatever it had queued.
+    this.upstreamGen = hello.gen;
+    if (this.upstream && this.upstream.sock !== sock) this.upstream.sock.destroy();
+    const conn = { sock, connId: ++this.connSeq, gen: hello.gen, headerOk: false };
+    this.upstream = conn;
+    sock.pause();
+    void (async () => {
+      while (this.processing) await this.idle.wait();
+      this.dropStale();
+      if (this.upstream !== conn) return;
+      for (const p of encodeFrame({
+        type: FrameType.ready,
+        flags: 0,
+        offset: this.writtenBytes,
+        lengthBytes: 0,
+        payload: Buffer.alloc(0),
+      }))
+        sock.write(p);
+      this.lastAckBytes = this.writtenBytes;
+      sock.resume();
+    })();
+    return conn;
+  }
+
+  private dropStale(): void {
+    const cur = this.upstream?.connId ?? -1;
+    const keep = this.queue.filter((q) => q.connId === cur);
+    for (const q of this.queue) if (q.connId !== cur) this.queuedBytes -= q.f.payload.length;
+    this.queue = keep;
+  }
+
+  private async processQueue(): Promise<void> {
+    if (this.processing) return;
+    this.processing = true;
+    try {
+      while (this.queue.length > 0 && !this.stopped) {
+        const { connId, f } = this.queue.shift()!;
+        this.queuedBytes -= f.payload.length;
+        const conn = this.upstream;
+        if (!conn || conn.connId !== connId) continue;
+        try {
+          await this.apply(conn, f);
+        } catch (err) {
+          this.log(`dropping link from upstream: ${(err as Error).message}`);
+          conn.sock.destroy();
+        }
+        if (this.queuedBytes <= this.o.limits.inQueueMaxBytes / 2 && conn.sock.isPaused()) conn.sock.resume();
+      }
+    } finally {
+      this.processing = false;
+      this.idle.notify();
+    }
+  }
+
+  private async waitForwardLag(): Promise<void> {
+    const fwd = this.forwarder;
+    while (
+      fwd?.downstream &&
+      this.writtenBytes - fwd.sentBytes > this.o.limits.forwardLagMaxBytes &&
+      !this.stopped
+    ) {
+      this.blocked = true;
+      await sleep(10);
+    }
+    this.blocked = false;
+  }
+
+  private async apply(conn: { sock: Socket; headerOk: boolean }, f: Frame): Promise<void> {
+    const h = this.header!;
+    if (f.type === FrameType.header) {
+      let got: StreamHeader;
+      try {
+        got = StreamHeader.parse(JSON.parse(f.payload.toString()));
+      } catch {
+        throw new Error('bad stream header');
+      }
+      const diff = sameStream(h, got);
+      if (diff) {
+        this.reject(conn.sock, `stream header does not match: ${diff}`);
+        throw new Error(`refused a stream whose header does not match (${diff}); nothing written from it`);
+      }
+      conn.headerOk = true;
+      return;
+    }
+    if (f.type === FrameType.end) {
+      if (this.writtenBytes >= h.sizeBytes) {
+        await this.finalize();
+        this.ack(conn.sock, true);
+      }
+      return;
+    }
+    if (f.type !== FrameType.data && f.type !== FrameType.zero) return;
+    if (!conn.headerOk) throw new Error('data before the stream header');
+    const end = f.offset + f.lengthBytes;
+    if (end > h.sizeBytes) throw new Error(`frame ends at ${end}, past the stream size ${h.sizeBytes}`);
+    if (end <= this.writtenBytes) return;
+    if (f.offset > this.writtenBytes)
+      throw new Error(`gap: frame at ${f.offset}, expected ${this.writtenBytes}`);
+    await this.waitForwardLag();
+    const skip = this.writtenBytes - f.offset;
+    if (f.type === FrameType.data) {
+      let payload = f.payload;
+      if (f.flags & frameFlagDeflate) payload = await inflateRaw(payload);
+      if (payload.length !== f.lengthBytes)
+        throw new Error(`frame at ${f.offset}: ${payload.length} bytes, header says ${f.lengthBytes}`);
+      const part = skip > 0 ? payload.subarray(skip) : payload;
+      await writeFully(this.fh!, part, this.writtenBytes);
+      this.hash.update(part);
+    } else {
+      const n = f.lengthBytes - skip;
+      for (let done = 0; done < n;) {
+        const piece = zeros(Math.min(h.chunkBytes, n - done));
+        if (!this.sparseTarget) await writeFully(this.fh!, piece, this.writtenBytes + done);
+        this.hash.update(piece);
+        done += piece.length;
+      }
+    }
+    this.writtenBytes = end;
+    if (skip === 0) this.ring.put(f);
+    this.written.notify();
+    if (this.writtenBytes - this.lastAckBytes >= this.o.limits.ackEveryBytes) this.ack(conn.sock);
+    if (this.writtenBytes - this.lastCheckpointBytes >= this.o.limits.checkpointEveryBytes)
+      await this.checkpoint();
+    if (this.o.throttleBps) {
+      if (this.throttleStartMs === 0) this.throttleStartMs = Date.now();
+      this.throttledBytes += f.lengthBytes;
+      const dueMs = (this.throttledBytes / this.o.throttleBps) * 1000 - (Date.now() - this.throttleStartMs);
+      if (dueMs > 0) await sleep(dueMs);
+    }
+  }
+
+  private ack(sock: Socket, final = false): void {
+    this.lastAckBytes = this.writtenBytes;
+    if (sock.destroyed) return;
+    for (const p of encodeFrame({
+      type: FrameType.ack,
+      flags: final ? frameFlagFinal : 0,
+      offset: this.writtenBytes,
+      lengthBytes: 0,
+      payload: Buffer.alloc(0),
+    }))
+      sock.write(p);
+  }
+
+  private async checkpoint(): Promise<void> {
+    const h = this.header!;
+    await this.fh!.datasync();
+    this.lastCheckpointBytes = this.writtenBytes;
+    await writeResumeState(this.stateFile, {
+      session: h.session,
+      sha256: h.sha256,
+      sizeBytes: h.sizeBytes,
+      verifiedBytes: this.writtenBytes,
+    }).catch((err: Error) => this.log(`cannot write the rejoin point ${this.stateFile}: ${err.message}`));
+  }
+
+  private async finalize(): Promise<void> {
+    if (this.final) return;
+    const h = this.header!;
+    await this.fh!.datasync();
+    const sha256 = this.hash.digest('hex');
+    this.final = {
+      ok: sha256 === h.sha256,
+      sha256,
+      expectedSha256: h.sha256,
+      writtenBytes: this.writtenBytes,
+      resumedFromBytes: this.resumedFromBytes,
+    };
+    if (this.final.ok) await rm(this.stateFile, { force: true });
+    this.tick();
+    this.progress.done();
+    this.log(
+      this.final.ok
+        ? `verified: sha256 ${sha256} matches the source`
+        : `MISMATCH: wrote sha256 ${sha256}, source has ${h.sha256}`,
+    );
+    this.sendDone();
+  }
+
+  private sendDone(): void {
+    const f = this.final!;
+    this.control?.send({
+      t: 'done',
+      sha256: f.sha256,
+      ok: f.ok,
+      writtenBytes: f.writtenBytes,
+    } satisfies ToServer);
+  }
+}
+
+export function runReceiver(o: ReceiverOptions): Promise<ReceiverResult> {
+  return new Receiver(o).run();
+}
