@@ -410,6 +410,12 @@ export class Agent {
               reason: 'not running here (agent rejoined)',
             }),
           );
+        // running at its epoch but reported otherwise (adopted after an agent restart whose
+        // predecessor died mid-start): say so, or the manager waits on 'starting' forever
+        if (running && l.state === 'started' && (!s || s.epoch !== a.epoch || s.state !== 'started'))
+          this.serial(a.id, () =>
+            this.report(a.id, { epoch: a.epoch, state: 'started', reason: 'running (adopted)' }),
+          );
       } else if (!a.run) {
         const running = l && l.state !== 'stopped' && l.state !== 'failed';
         if (!running && (!s || s.epoch !== a.epoch || (s.state !== 'stopped' && s.state !== 'failed')))
