@@ -277,7 +277,7 @@ describe('clone over loopback (real processes)', () => {
     { timeout: 60_000 },
     async (t) => {
       if (process.getuid?.() !== 0) return t.skip('needs root: losetup');
-      let loop = '';
+      let loop: string;
       try {
         loop = execFileSync('losetup', ['-r', '-f', '--show', src]).toString().trim();
       } catch (err) {
