@@ -181,6 +181,11 @@ export class Agent {
     // Stop whatever the store does not assign to us before taking work (safety rule 5).
     await this.reconcile();
     await this.o.store.put(this.k.alive(this.o.node), JSON.stringify({ ...alive, ready: true }), { lease });
+    if (this.phase !== 'starting' || this.lease !== lease) {
+      // self-fenced while joining (a slow store ate the deadline): the renew loop joins again
+      this.o.env.log('warn', 'join interrupted by a self-fence; joining again');
+      return;
+    }
     this.phase = 'joined';
     await this.agentEvent('joined', `${this.o.node} joined (incarnation ${this.incarnation})`);
     this.manager?.poke();
