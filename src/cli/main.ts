@@ -9,6 +9,7 @@ import { registerResource } from './commands/resource.js';
 import { registerCluster } from './commands/cluster.js';
 import { registerDemo } from './commands/demo.js';
 import { registerClone } from './commands/clone.js';
+import { registerSim } from './commands/sim.js';
 
 const program = new Command('corral')
   .description('Corral: high-availability cluster manager for VMs and services')
@@ -24,6 +25,7 @@ registerResource(program);
 registerCluster(program);
 registerAgent(program);
 registerClone(program);
+registerSim(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -3,6 +3,7 @@
 import { performance } from 'node:perf_hooks';
 import { World, type ExpectResult, type Violation } from './world.js';
 import type { Scenario } from './scenario.js';
+import type { DrainMode } from './queue.js';
 import { formatLog, type LogEntry } from './log.js';
 
 export interface RunResult {
@@ -22,10 +23,11 @@ export interface RunResult {
 
 export async function runScenario(
   scn: Scenario,
-  opts: { stopOnViolation?: boolean } = {},
+  opts: { stopOnViolation?: boolean; drain?: DrainMode } = {},
 ): Promise<RunResult> {
   const t0 = performance.now();
   const w = new World(scn);
+  if (opts.drain) w.drain = opts.drain;
   w.setup();
   await w.run({ stopOnViolation: opts.stopOnViolation ?? true });
   const endedHealthy = w.violations.length === 0 && w.healthy();

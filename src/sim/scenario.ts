@@ -82,12 +82,15 @@ export type Command =
   | { type: 'fault'; id: string; fault: 'start-fails'; count: number; node?: string }
   | { type: 'fault'; id: string; fault: 'crash' | 'health-fails' | 'migrate-fails' }
   | { type: 'fault'; id: string; fault: 'stop-hang'; on: boolean }
-  | { type: 'cluster'; op: 'disarm' | 'arm' | 'halt' | 'halt-force' | 'form' | 'form-no-apps' };
+  | { type: 'cluster'; op: 'disarm' | 'arm' | 'halt' | 'halt-force' | 'form' | 'form-no-apps' }
+  /** undo every fault and keep nodes powered and agents running from now on (fuzz runs end with it) */
+  | { type: 'heal' };
 
 export type Expect =
   | { type: 'on'; id: string; node: string | 'any'; negate: boolean }
   | { type: 'state'; id: string; state: 'stopped' | 'failed'; reason?: string }
   | { type: 'deleted'; id: string }
+  | { type: 'converged' }
   | { type: 'node'; node: string; state: NodeState }
   | { type: 'event'; what: 'fence-ok' | 'fence-failed' | 'self-fence'; node: string; negate: boolean }
   | { type: 'leader'; node: string; negate: boolean };
@@ -433,6 +436,8 @@ export function parseCommand(text: string, c: Ctx, known: { nodes: Set<string> }
           );
       }
     }
+    case 'heal':
+      return { type: 'heal' };
     case 'cluster':
       if (a === 'disarm' || a === 'arm') return { type: 'cluster', op: a };
       if (a === 'halt') return { type: 'cluster', op: b === 'force' ? 'halt-force' : 'halt' };
@@ -440,7 +445,7 @@ export function parseCommand(text: string, c: Ctx, known: { nodes: Set<string> }
       return bad('cluster disarm|arm|halt [force]|form [no-apps]');
     default:
       return bad(
-        'commands: power, network, delay, reboot, shutdown, crash agent, crash leader, start agent, freeze, thaw, maintenance, store, fence, resource, cluster',
+        'commands: power, network, delay, reboot, shutdown, crash agent, crash leader, start agent, freeze, thaw, maintenance, store, fence, resource, cluster, heal',
       );
   }
 }
@@ -470,6 +475,7 @@ export function parseExpect(
     return n;
   };
   const [a, b, c2, ...rest] = t;
+  if (a === 'converged' && b === undefined) return { exp: { type: 'converged' }, byMs };
   if (a === 'node') {
     const state = c2 as NodeState;
     if (!nodeStates.includes(state)) return bad(`expect node NODE ${nodeStates.join('|')} [by T]`);

@@ -25,7 +25,7 @@ import type {
 } from '../core/types.js';
 import { defaultFlags } from '../core/types.js';
 import { StoreError, type WatchEvent } from '../store/types.js';
-import { EventQueue, Owner, drainMicrotasks } from './queue.js';
+import { EventQueue, Owner, drainMicrotasks, type DrainMode } from './queue.js';
 import { SimStoreClient, SimStoreCore, type Link } from './store.js';
 import type { Command, Expect, NodeDef, ResourceDef, Scenario } from './scenario.js';
 import { formatEntry, type LogEntry } from './log.js';
@@ -100,7 +100,10 @@ export class SimNode {
   agentCount = 0;
   frozen = false;
   watchdogCancel: (() => void) | undefined;
-  constructor(readonly def: NodeDef) {
+  readonly def: NodeDef;
+  constructor(def: NodeDef) {
+    // a copy: fence commands change it during the run, the scenario must stay as written
+    this.def = { ...def, labels: { ...def.labels }, fence: def.fence.map((d) => ({ ...d })) };
     this.powered = !def.off;
   }
   get name(): string {
@@ -139,6 +142,9 @@ export class World {
   private readonly stoppedReports = new Map<string, { epoch: number; atMs: number }>();
   private lastTerm = 0;
   leader: string | undefined;
+  /** after `heal`: a repair crew powers nodes back on and keeps agents running */
+  healing = false;
+  drain: DrainMode = 'micro';
 
   constructor(readonly scn: Scenario) {
     this.rng = makeRng(scn.seed);
@@ -156,19 +162,25 @@ export class World {
   async run(opts: { stopOnViolation?: boolean; untilMs?: number } = {}): Promise<void> {
     const stop = opts.stopOnViolation ?? true;
     const untilMs = opts.untilMs ?? this.scn.endMs;
-    const onRejection = (e: unknown) => this.violation(`engine error (unhandled rejection): ${errText(e)}`);
-    process.on('unhandledRejection', onRejection);
+    installRejectionHandler();
+    // eslint-disable-next-line @typescript-eslint/no-this-alias
+    current = this;
     try {
       while (this.q.step(untilMs)) {
-        await drainMicrotasks();
-        if (stop && this.violations.length > 0) return;
+        await drainMicrotasks(this.drain);
+        if (stop && this.violations.length > 0) break;
       }
-      this.q.advanceTo(untilMs);
+      if (this.violations.length === 0) this.q.advanceTo(untilMs);
     } catch (e) {
       this.violation(`engine error (thrown from an event): ${errText(e)}`);
-    } finally {
-      process.off('unhandledRejection', onRejection);
     }
+    // a macrotask boundary: Node reports unhandled rejections while this world is still current
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+
+  /** an unhandled rejection in agent or manager code is an engine bug (it kills a real agent) */
+  onRejection(e: unknown): void {
+    this.violation(`engine error (unhandled rejection, would crash the agent): ${errText(e)}`);
   }
 
   /** Set up the cluster and schedule every scenario step. */
@@ -201,6 +213,7 @@ export class World {
   }
 
   traceLine(line: string): void {
+    if (traceAll) process.stderr.write(`${line}\n`);
     this.trace.push(line);
     if (this.trace.length > worldLimits.traceLinesMax)
       this.trace.splice(0, this.trace.length - worldLimits.traceLinesMax);
@@ -438,6 +451,7 @@ export class World {
     this.killAgent(n);
     n.watchdogCancel?.();
     n.watchdogCancel = undefined;
+    if (this.healing) this.q.after(worldLimits.bootMs, () => this.powerOn(n));
   }
 
   powerOn(n: SimNode): void {
@@ -763,6 +777,9 @@ export class World {
       case 'fault':
         this.fault(cmd);
         return;
+      case 'heal':
+        this.heal();
+        return;
       case 'cluster': {
         const patch: Partial<ClusterFlags> =
           cmd.op === 'disarm'
@@ -788,6 +805,34 @@ export class World {
         return;
       }
     }
+  }
+
+  /** undo every fault and keep it undone: nodes on, network on, agents running, store up, faults off, armed */
+  private heal(): void {
+    this.healing = true;
+    this.storeSlowMs = 0;
+    if (this.core.down) this.command({ type: 'store', mode: 'up' }, 'store up');
+    for (const f of this.faults.values()) {
+      f.startFails = 0;
+      f.migrateFails = false;
+      f.stopHang = false;
+    }
+    for (const n of this.nodes.values()) {
+      n.def.fence = n.def.fence.map((d) => ({ ...d, mode: 'ok' }));
+      if (n.agent?.owner.state === 'frozen') this.command({ type: 'thaw', node: n.name }, `thaw ${n.name}`);
+      n.network = 'on';
+      n.delayMs = 0;
+      n.agent?.store.resumeWatches();
+      if (!n.powered) this.powerOn(n);
+      else if (!n.agent) this.startAgent(n);
+      this.operate('heal: maintenance off', () =>
+        this.operator.put(this.k.nodeAdmin(n.name), JSON.stringify({ maintenance: false })),
+      );
+    }
+    for (const d of this.defs.values())
+      if (d.desired === 'started')
+        this.editSpec('heal: resource start', d.id, (sp) => ({ ...sp, desired: 'started' }));
+    this.command({ type: 'cluster', op: 'arm' }, 'cluster arm');
   }
 
   private fault(cmd: Extract<Command, { type: 'fault' }>): void {
@@ -872,6 +917,15 @@ export class World {
         const reasonOk = !exp.reason || (r?.reason.toLowerCase().includes(exp.reason.toLowerCase()) ?? false);
         return [!!r && r.state === exp.state && procs.length === 0 && reasonOk, desc];
       }
+      case 'converged': {
+        if (!this.healthy())
+          return [
+            false,
+            'cluster not healthy (a node is off, cut off, frozen or without agent, or the store is down)',
+          ];
+        const problems = this.convergenceProblems();
+        return [problems.length === 0, problems.join('; ') || 'converged'];
+      }
       case 'deleted': {
         const r = this.assign.get(exp.id);
         const procs = this.runningOn(exp.id);
@@ -904,11 +958,20 @@ export class World {
 
   /** every node powered, agent joined and reachable, store up */
   healthy(): boolean {
-    if (this.core.down) return false;
+    return this.unhealthy() === undefined;
+  }
+
+  /** why the cluster is not healthy, undefined when it is */
+  unhealthy(): string | undefined {
+    if (this.core.down) return 'store down';
     for (const n of this.nodes.values()) {
-      if (!n.powered || n.network !== 'on' || n.frozen || n.agent?.agent.phase !== 'joined') return false;
+      if (!n.powered) return `${n.name} powered off`;
+      if (n.network !== 'on') return `${n.name} network ${n.network}`;
+      if (n.frozen) return `${n.name} frozen`;
+      if (n.agent?.agent.phase !== 'joined')
+        return `${n.name} agent ${n.agent ? n.agent.agent.phase : 'not running'}`;
     }
-    return true;
+    return undefined;
   }
 
   /**
@@ -1011,6 +1074,19 @@ class SimDriverView implements Driver {
     this.handler?.(ev);
   }
   async close(): Promise<void> {}
+}
+
+let current: World | undefined;
+/** CORRAL_SIM_TRACE=1: print every trace line (agent logs included) to stderr */
+const traceAll = process.env.CORRAL_SIM_TRACE === '1';
+let handlerInstalled = false;
+function installRejectionHandler(): void {
+  if (handlerInstalled) return;
+  handlerInstalled = true;
+  process.on('unhandledRejection', (e: unknown) => {
+    if (current) current.onRejection(e);
+    else throw e;
+  });
 }
 
 export function specOf(def: ResourceDef): ResourceSpecInput {
