@@ -201,7 +201,7 @@ test('start failures say why, and leave nothing running', async (t) => {
   const { spec: s } = await echoSpec('never', [], {
     health: { type: 'http', url: `http://127.0.0.1:${wrongPort}/`, intervalMs: 100, timeoutMs: 200 },
   });
-  s.process.startTimeoutMs = 600;
+  s.process!.startTimeoutMs = 600;
   const t0 = Date.now();
   const nv = await d.start(s, 1);
   assert.equal(nv.state, 'failed');
@@ -248,7 +248,7 @@ test('stop: stopSignal first, SIGKILL after stopTimeoutMs', async (t) => {
   assert.ok(Date.now() - t0 < 1000);
 
   const { port, spec: stubborn } = await echoSpec('stubborn', ['--ignore-term']);
-  stubborn.process.stopTimeoutMs = 300;
+  stubborn.process!.stopTimeoutMs = 300;
   assert.equal((await d.start(stubborn, 1)).state, 'started');
   const pid = (await get(port)).pid;
   t0 = Date.now();
@@ -321,7 +321,7 @@ test('an adopted process is stopped with its own stop settings', async (t) => {
   const { make } = setup(t);
   const d1 = make();
   const { port, spec: s } = await echoSpec('adopt-stop', ['--ignore-term']);
-  s.process.stopTimeoutMs = 200;
+  s.process!.stopTimeoutMs = 200;
   assert.equal((await d1.start(s, 2)).state, 'started');
   const pid = (await get(port)).pid;
   await d1.close();

@@ -2,7 +2,15 @@
 // its driver, reports what it observes, and self-fences when it cannot renew in time.
 // Runs the manager loop beside it (only the leader acts). Every effect goes through Env,
 // the Store, the Driver and the Watchdog, so the simulator runs this same code.
-import type { Env, Driver, Fencer, LocalResource, Watchdog } from '../env/types.js';
+import type {
+  Env,
+  Driver,
+  Fencer,
+  LocalResource,
+  NodeMonitor,
+  NodeMonitorContext,
+  Watchdog,
+} from '../env/types.js';
 import type { Store, WatchEvent, Watcher } from '../store/types.js';
 import { StoreError } from '../store/types.js';
 import { keys as keysOf, type Keys } from '../core/keys.js';
@@ -32,6 +40,8 @@ export const agentLimits = {
   rejoinBackoffMaxMs: 5000,
   /** graceful leave: how long to wait for the manager to move resources away */
   leaveWaitMs: 60000,
+  /** migration progress is written to the store at most this often */
+  migrationReportEveryMs: 1000,
 };
 
 export interface AgentOptions {
@@ -40,6 +50,8 @@ export interface AgentOptions {
   driver: Driver;
   fencer: Fencer;
   watchdog?: Watchdog;
+  /** node health monitors beside the lease: disk heartbeat, reachability */
+  monitors?: NodeMonitor[];
   cluster: string;
   node: string;
   address: string;
@@ -127,6 +139,39 @@ export class Agent {
     });
     this.loops.push(this.renewLoop(), this.reconcileLoop());
     if (this.manager) this.loops.push(this.manager.run());
+    for (const m of this.o.monitors ?? []) await m.start(this.monitorContext());
+  }
+
+  private isolated = false;
+
+  private monitorContext(): NodeMonitorContext {
+    const t = this.o.timings;
+    return {
+      node: this.o.node,
+      selfFence: (why) => this.selfFence(why),
+      setIsolated: (isolated, why) => {
+        if (isolated === this.isolated) return;
+        this.isolated = isolated;
+        this.o.env.log(
+          isolated ? 'warn' : 'info',
+          isolated ? `node isolated: ${why}` : `node reachable again: ${why}`,
+        );
+        const lease = this.lease;
+        if (this.phase !== 'joined' || lease === undefined) return;
+        const alive: Alive = { incarnation: this.incarnation, ready: true, isolated: isolated || undefined };
+        this.o.store
+          .put(this.k.alive(this.o.node), JSON.stringify(alive), { lease })
+          .then(() =>
+            this.agentEvent(
+              isolated ? 'isolated' : 'reachable',
+              `${this.o.node}: ${isolated ? 'isolated' : 'reachable again'}: ${why}`,
+            ),
+          )
+          .catch((e: unknown) => this.o.env.log('warn', 'could not record isolation', { error: String(e) }));
+      },
+      storeHealthy: () => this.o.env.nowMs() - this.lastRenewOkSentMs < 2 * t.renewIntervalMs,
+      joined: () => this.phase === 'joined',
+    };
   }
 
   /** Resolves when the cluster is halted and this agent's resources are stopped. */
@@ -168,7 +213,11 @@ export class Agent {
       left: false,
       sinceMs: sentMs,
     };
-    const alive: Alive = { incarnation: this.incarnation, ready: false };
+    const alive: Alive = {
+      incarnation: this.incarnation,
+      ready: false,
+      isolated: this.isolated || undefined,
+    };
     await this.o.store.txn({
       compare: [],
       success: [
@@ -340,14 +389,16 @@ export class Agent {
     const [assignR, specR, statusR, flagsR] = snap.results;
     if (flagsR?.type === 'get' && flagsR.kv) this.applyFlags(flagsR.kv.value);
     const assigned = new Map<string, ResourceRecord>();
+    /** live migrations that name this node as their target */
+    const incoming = new Map<string, ResourceRecord>();
     if (assignR?.type === 'range')
       for (const kv of assignR.kvs) {
         try {
           const rec = JSON.parse(kv.value) as ResourceRecord;
-          if (rec.node === this.o.node) {
-            assigned.set(rec.id, rec);
-            this.assignRevs.set(rec.id, kv.modRevision);
-          }
+          if (rec.node === this.o.node) assigned.set(rec.id, rec);
+          if (rec.migration?.target === this.o.node && rec.migration.phase !== 'abort')
+            incoming.set(rec.id, rec);
+          if (rec.node === this.o.node || incoming.has(rec.id)) this.assignRevs.set(rec.id, kv.modRevision);
         } catch {
           // unreadable record: never act on it
         }
@@ -393,9 +444,14 @@ export class Agent {
     for (const l of local.values()) {
       if (l.state === 'stopped' || l.state === 'failed') continue;
       const a = assigned.get(l.id);
-      const keep = a && a.run && a.epoch === l.epoch && this.phase !== 'leaving';
+      const target = incoming.get(l.id)?.migration;
+      const keep =
+        this.phase !== 'leaving' &&
+        ((a && a.run && a.epoch === l.epoch) || (target !== undefined && target.targetEpoch === l.epoch));
       if (!keep) this.serial(l.id, () => this.stopLocal(l, a));
     }
+    // live migration: prepare incoming copies here; send outgoing ones when told to
+    if (canStart) this.reconcileMigrations(assigned, incoming, local, specs, reported);
     // 2. start what is ours and not running at its epoch; 3. report what we see
     for (const a of assigned.values()) {
       const l = local.get(a.id);
@@ -407,7 +463,12 @@ export class Agent {
         const stale = a.epoch <= (this.epochFloor.get(a.id) ?? 0);
         if (!running && !failedHere && !stale && spec)
           this.serial(a.id, () => this.startLocal(spec, a.epoch));
-        if (!running && stale && (!s || s.epoch !== a.epoch || s.state !== 'stopped'))
+        // (a copy handed over by live migration keeps its 'migrated' report for the manager)
+        if (
+          !running &&
+          stale &&
+          (!s || s.epoch !== a.epoch || (s.state !== 'stopped' && s.state !== 'migrated'))
+        )
           this.serial(a.id, () =>
             this.report(a.id, {
               epoch: a.epoch,
@@ -446,6 +507,128 @@ export class Agent {
       [...local.values()].every((l) => l.state === 'stopped' || l.state === 'failed')
     ) {
       if ([...assigned.values()].every((a) => !a.run)) this.halted();
+    }
+  }
+
+  private readonly migratingOut = new Set<string>();
+
+  private reconcileMigrations(
+    assigned: Map<string, ResourceRecord>,
+    incoming: Map<string, ResourceRecord>,
+    local: Map<string, LocalResource>,
+    specs: Map<string, ResourceSpec>,
+    reported: Map<string, AgentStatus>,
+  ): void {
+    const driver = this.o.driver;
+    for (const rec of incoming.values()) {
+      const m = rec.migration;
+      const spec = specs.get(rec.id);
+      if (!m || !spec) continue;
+      const l = local.get(rec.id);
+      const s = reported.get(rec.id);
+      const have = l && l.epoch === m.targetEpoch && l.state !== 'stopped' && l.state !== 'failed';
+      const reportedHere = s && s.epoch === m.targetEpoch;
+      if (!have && !reportedHere && m.phase === 'prepare')
+        this.serial(rec.id, () => this.prepareIncoming(spec, m.targetEpoch));
+    }
+    for (const a of assigned.values()) {
+      const m = a.migration;
+      const l = local.get(a.id);
+      if (this.migratingOut.has(a.id) && (!m || m.phase === 'abort')) {
+        void driver.cancelMigration?.(a.id).catch(() => undefined);
+        continue;
+      }
+      if (!m || m.phase !== 'transfer' || !m.incoming || this.migratingOut.has(a.id)) continue;
+      const s = reported.get(a.id);
+      if (s?.migrateError?.targetEpoch === m.targetEpoch) continue; // already failed; the manager aborts
+      if (!l || l.epoch !== a.epoch || l.state !== 'started' || !driver.migrateOut) continue;
+      const dest = m.incoming;
+      this.serial(a.id, () => this.migrateOut(a, m.targetEpoch, dest));
+    }
+  }
+
+  private async prepareIncoming(spec: ResourceSpec, targetEpoch: number): Promise<void> {
+    const driver = this.o.driver;
+    if (this.phase !== 'joined') return;
+    const claim: AgentStatus = {
+      epoch: targetEpoch,
+      state: 'starting',
+      reason: 'preparing to receive a live migration',
+      sinceMs: this.o.env.nowMs(),
+    };
+    const r0 = await this.o.store.txn({
+      compare: [
+        {
+          key: this.k.assign(spec.id),
+          target: 'modRevision',
+          op: '==',
+          value: this.assignRevs.get(spec.id) ?? 0,
+        },
+      ],
+      success: [{ type: 'put', key: this.k.status(this.o.node, spec.id), value: JSON.stringify(claim) }],
+    });
+    if (!r0.succeeded) return;
+    if (!driver.prepareIncoming) {
+      await this.report(spec.id, {
+        epoch: targetEpoch,
+        state: 'failed',
+        reason: 'driver cannot receive live migrations',
+      });
+      return;
+    }
+    const r = await driver.prepareIncoming(spec, targetEpoch);
+    if (r.ok)
+      await this.report(spec.id, {
+        epoch: targetEpoch,
+        state: 'incoming',
+        reason: `waiting for the migration stream on ${r.host}:${r.port}`,
+        incoming: { host: r.host, port: r.port },
+      });
+    else await this.report(spec.id, { epoch: targetEpoch, state: 'failed', reason: r.reason });
+  }
+
+  private async migrateOut(
+    a: ResourceRecord,
+    targetEpoch: number,
+    dest: { host: string; port: number },
+  ): Promise<void> {
+    const driver = this.o.driver;
+    if (!driver.migrateOut) return;
+    this.migratingOut.add(a.id);
+    let lastReportMs = 0;
+    try {
+      await this.report(a.id, {
+        epoch: a.epoch,
+        state: 'migrating',
+        reason: `sending to ${dest.host}:${dest.port}`,
+      });
+      const out = await driver.migrateOut(a.id, dest, (progress) => {
+        const now = this.o.env.nowMs();
+        if (now - lastReportMs < agentLimits.migrationReportEveryMs) return;
+        lastReportMs = now;
+        this.report(a.id, { epoch: a.epoch, state: 'migrating', reason: 'sending', progress }).catch(
+          () => undefined,
+        );
+      });
+      // never start this epoch here again: the guest now lives on the target
+      if (out.ok) this.epochFloor.set(a.id, Math.max(a.epoch, this.epochFloor.get(a.id) ?? 0));
+      if (out.ok)
+        await this.report(a.id, {
+          epoch: a.epoch,
+          state: 'migrated',
+          reason: 'handed over',
+          progress: out.progress,
+        });
+      else
+        await this.report(a.id, {
+          epoch: a.epoch,
+          state: 'started',
+          reason: `migration failed: ${out.reason}`,
+          progress: out.progress,
+          migrateError: { targetEpoch, reason: out.reason },
+        });
+    } finally {
+      this.migratingOut.delete(a.id);
     }
   }
 
@@ -521,6 +704,7 @@ export class Agent {
    */
   async stop(opts: { leave?: boolean; kill?: boolean } = {}): Promise<void> {
     const env = this.o.env;
+    for (const m of this.o.monitors ?? []) await m.stop().catch(() => undefined);
     if (opts.leave && this.phase === 'joined') {
       const admin: NodeAdmin = { maintenance: true };
       await this.o.store.put(this.k.nodeAdmin(this.o.node), JSON.stringify(admin));

@@ -10,6 +10,7 @@
 import { invariant, assertNever } from './errors.js';
 import { charge, place, release, usageOf, type Usage } from './placement.js';
 import type {
+  AgentStatus,
   Action,
   ClusterEvent,
   ClusterView,
@@ -274,7 +275,12 @@ export function copyState(view: ClusterView, r: ResourceView): CopyState {
       if (!s || s.epoch !== rec.epoch) return 'pending';
       switch (s.state) {
         case 'started':
+        case 'migrating': // the source copy runs while it is sent
           return 'running';
+        case 'migrated': // the source copy was handed over and is paused for good
+          return 'stopped';
+        case 'incoming':
+          return 'starting';
         case 'starting':
         case 'stopping':
         case 'stopped':
@@ -336,6 +342,14 @@ function decideResource(view: ClusterView, r: ResourceView, used: Usage, by: str
           ? 'applications disabled (cluster formed with --no-apps)'
           : undefined;
   if (stopWhy) {
+    if (rec.migration) {
+      // finish (abort) the migration first: the target's copy must be gone
+      if (rec.migration.phase === 'abort') return decideMigration(view, r, rec, copy, write);
+      return write(
+        { migration: { ...rec.migration, phase: 'abort', reason: stopWhy } },
+        `migration aborted: ${stopWhy}`,
+      );
+    }
     switch (copy) {
       case 'none':
       case 'down':
@@ -394,28 +408,28 @@ function decideResource(view: ClusterView, r: ResourceView, used: Usage, by: str
     );
   }
   const base: ResourceRecord = { ...rec, failures };
+  if (rec.migration) return decideMigration(view, r, base, copy, write);
 
   switch (copy) {
     case 'running': {
       const node = rec.node as string;
-      if (rec.state !== 'started')
+      if (rec.state !== 'started' && !rec.migration)
         return write({ failures, state: 'started', reason: `running on ${node}` }, `started on ${node}`);
       const nodeView = view.nodes.get(node);
-      if (nodeView?.status?.state === 'maintenance')
-        return write(
-          { state: 'stopping', run: false, reason: `moving off ${node} (maintenance)` },
-          `moving off ${node}: maintenance`,
-        );
+      const leaving =
+        nodeView?.status?.state === 'maintenance'
+          ? 'maintenance'
+          : nodeView?.alive?.isolated
+            ? 'node isolated: reaches none of its known addresses'
+            : undefined;
+      if (leaving) return moveAway(view, r, base, used, write, null, `moving off ${node} (${leaving})`);
       if (spec.preferredNode && spec.preferredNode !== node) {
         // never back onto a node where the restart limit was just reached (it would fail again)
         const p = place(view, spec, used, {
           avoid: new Set([node, ...exhaustedNodes(failures, spec.restart, now)]),
         });
         if (p.ok && p.node === spec.preferredNode)
-          return write(
-            { state: 'stopping', run: false, reason: `moving to ${p.node} (preferred node)` },
-            `moving to ${p.node}`,
-          );
+          return moveAway(view, r, base, used, write, p.node, `moving to ${p.node} (preferred node)`);
       }
       return failures.length !== rec.failures.length ? write({ failures }) : out;
     }
@@ -476,6 +490,139 @@ function decideResource(view: ClusterView, r: ResourceView, used: Usage, by: str
 
 type Write = (patch: Partial<ResourceRecord>, message?: string) => Action[];
 
+/** A fresh epoch: above the current one and above every epoch handed out before (aborted migrations). */
+function nextEpoch(rec: ResourceRecord): number {
+  return Math.max(rec.epoch, rec.epochIssued ?? 0) + 1;
+}
+
+/** Resources that move live (two-phase hand-over) instead of stop-then-start. */
+export function liveMigratable(spec: ResourceView['spec']): boolean {
+  return spec?.kind === 'vm';
+}
+
+/**
+ * Move a running resource off its node: a live migration for VMs, a clean stop (then a
+ * start elsewhere) for everything else. `target` null: wherever placement says.
+ */
+function moveAway(
+  view: ClusterView,
+  r: ResourceView,
+  rec: ResourceRecord,
+  used: Usage,
+  write: Write,
+  target: string | null,
+  why: string,
+): Action[] {
+  const spec = r.spec;
+  const node = rec.node as string;
+  if (spec && liveMigratable(spec)) {
+    const p = target
+      ? { ok: true as const, node: target, why }
+      : place(view, spec, used, { avoid: new Set([node]) });
+    if (!p.ok) {
+      const reason = `${why}: no target: ${p.why}`;
+      return rec.reason === reason ? [] : write({ reason });
+    }
+    const targetEpoch = nextEpoch(rec);
+    charge(used, p.node, spec);
+    const now = view.nowMs;
+    return write(
+      {
+        state: 'migrating',
+        epochIssued: targetEpoch,
+        reason: why,
+        migration: {
+          source: node,
+          target: p.node,
+          targetEpoch,
+          phase: 'prepare',
+          startedAtMs: now,
+          deadlineMs: now + (view.timings.migrationTimeoutMs ?? migrationTimeoutMsDefault),
+          reason: why,
+        },
+      },
+      `live-migrating ${node} -> ${p.node} (${why})`,
+    );
+  }
+  return write({ state: 'stopping', run: false, reason: why }, why);
+}
+
+export const migrationTimeoutMsDefault = 300_000;
+
+/**
+ * The two-phase hand-over: the target prepares an incoming copy at targetEpoch, the source
+ * sends, and only a source report of 'migrated' (its copy paused for good) moves ownership.
+ * Anything else aborts; an abort completes only once the target's copy is gone, so no
+ * guest ever runs on two nodes.
+ */
+function decideMigration(
+  view: ClusterView,
+  r: ResourceView,
+  rec: ResourceRecord,
+  copy: CopyState,
+  write: Write,
+): Action[] {
+  const m = rec.migration as NonNullable<ResourceRecord['migration']>;
+  const now = view.nowMs;
+  const stateOf = (n: string) => view.nodes.get(n)?.status?.state;
+  const up = (n: string) => stateOf(n) === 'online' || stateOf(n) === 'maintenance';
+  const down = (n: string) => stateOf(n) === 'fenced' || stateOf(n) === 'offline';
+  const sStat = r.statuses.get(m.source);
+  const tStat = r.statuses.get(m.target);
+  const tAt = tStat && tStat.epoch === m.targetEpoch ? tStat : undefined;
+  const abort = (reason: string): Action[] =>
+    write(
+      {
+        state: 'migrating',
+        migration: { ...m, phase: 'abort', reason },
+        reason: `migration aborted: ${reason}`,
+      },
+      `migration ${m.source} -> ${m.target} aborted: ${reason}`,
+    );
+  const handOver = (how: string): Action[] =>
+    write(
+      {
+        node: m.target,
+        epoch: m.targetEpoch,
+        run: true,
+        state: tAt?.state === 'started' ? 'started' : 'starting',
+        migration: undefined,
+        reason: `migrated from ${m.source} (${how})`,
+      },
+      `migrated ${m.source} -> ${m.target} (${how})`,
+    );
+  if (m.phase === 'abort') {
+    const targetGone = !tAt || tAt.state === 'stopped' || tAt.state === 'failed' || down(m.target);
+    if (!targetGone) return []; // wait: the target's copy must be gone before anything else happens
+    const state = copy === 'running' ? 'started' : rec.state === 'migrating' ? 'starting' : rec.state;
+    return write({ state, migration: undefined, reason: `migration to ${m.target} failed: ${m.reason}` });
+  }
+  if (!up(m.source)) {
+    // the source went away mid-migration: if the stream completed, the target owns the guest
+    if (tAt?.state === 'started') return handOver(`source ${m.source} lost after the stream completed`);
+    return abort(`source ${m.source} lost`);
+  }
+  if (sStat?.epoch === rec.epoch && sStat.state === 'migrated') return handOver(progressNote(sStat.progress));
+  if (!up(m.target)) return abort(`target ${m.target} lost`);
+  if (sStat?.epoch === rec.epoch && sStat.migrateError?.targetEpoch === m.targetEpoch)
+    return abort(sStat.migrateError.reason);
+  if (tAt?.state === 'failed') return abort(`target could not prepare: ${tAt.reason}`);
+  if (now > m.deadlineMs) return abort(`not finished within ${m.deadlineMs - m.startedAtMs} ms`);
+  if (copy !== 'running') return abort(`source copy is ${copy}`);
+  if (m.phase === 'prepare' && tAt?.state === 'incoming' && tAt.incoming)
+    return write(
+      { migration: { ...m, phase: 'transfer', incoming: tAt.incoming } },
+      `transfer ${m.source} -> ${m.target} begins`,
+    );
+  return [];
+}
+
+function progressNote(p: AgentStatus['progress']): string {
+  if (!p) return 'stream complete';
+  const mib = (p.transferredBytes / 1048576).toFixed(1);
+  return `${mib} MiB in ${p.elapsedMs} ms${p.downtimeMs !== undefined ? `, downtime ${p.downtimeMs} ms` : ''}`;
+}
+
 function placeNew(
   view: ClusterView,
   r: ResourceView,
@@ -503,7 +650,7 @@ function placeNew(
       state: 'starting',
       node: p.node,
       run: true,
-      epoch: rec.epoch + 1,
+      epoch: nextEpoch(rec),
       reason: `placed on ${p.node} (${detail}${p.why})`,
     },
     `placed on ${p.node} (${detail}${p.why})`,
@@ -541,7 +688,7 @@ function onFailure(
         failures,
         state: 'starting',
         run: true,
-        epoch: rec.epoch + 1,
+        epoch: nextEpoch(rec),
         reason: `restart ${onNode}/${policy.maxRestarts} on ${node} after: ${reason}`,
       },
       `restarting on ${node} (${onNode}/${policy.maxRestarts}) after: ${reason}`,
@@ -562,7 +709,7 @@ function onFailure(
           state: 'starting',
           node: p.node,
           run: true,
-          epoch: rec.epoch + 1,
+          epoch: nextEpoch(rec),
           relocations: rec.relocations + 1,
           reason: `relocated from ${node} after ${onNode} failures: ${reason}`,
         },
@@ -599,14 +746,16 @@ function assertSafeTransition(prev: ResourceRecord, next: ResourceRecord, copy: 
     next.epoch >= prev.epoch,
     () => `${next.id}: epoch must not shrink (${prev.epoch} -> ${next.epoch})`,
   );
+  // a live-migration hand-over moves ownership to the target that already runs the guest
+  const handOver = prev.migration !== undefined && next.node === prev.migration.target && !next.migration;
   if (next.run && next.node !== null && next.node !== prev.node && prev.node !== null) {
     invariant(
-      copy === 'down' || copy === 'stopped' || copy === 'failed' || copy === 'none',
+      copy === 'down' || copy === 'stopped' || copy === 'failed' || copy === 'none' || handOver,
       () => `${next.id}: placed on ${next.node} while its copy on ${prev.node} is ${copy}`,
     );
     invariant(next.epoch > prev.epoch, () => `${next.id}: a new placement needs a new epoch`);
   }
-  if (next.run && next.epoch !== prev.epoch) {
+  if (next.run && next.epoch !== prev.epoch && !handOver) {
     invariant(
       copy !== 'running' && copy !== 'unknown' && copy !== 'starting',
       () => `${next.id}: new epoch while copy ${copy}`,
@@ -622,7 +771,10 @@ function sameRecord(a: ResourceRecord, b: ResourceRecord): boolean {
     a.run === b.run &&
     a.epoch === b.epoch &&
     a.relocations === b.relocations &&
-    a.failures.length === b.failures.length
+    a.failures.length === b.failures.length &&
+    a.epochIssued === b.epochIssued &&
+    a.migration?.phase === b.migration?.phase &&
+    a.migration?.targetEpoch === b.migration?.targetEpoch
   );
 }
 

@@ -14,6 +14,9 @@ export function usageOf(view: ClusterView): Usage {
     const node = r.rec?.node;
     if (!node || !r.spec || r.rec?.state === 'stopped' || r.rec?.state === 'failed') continue;
     charge(used, node, r.spec);
+    // a live migration reserves room on its target too
+    const m = r.rec?.migration;
+    if (m && m.phase !== 'abort') charge(used, m.target, r.spec);
   }
   return used;
 }
@@ -32,7 +35,8 @@ export function release(used: Usage, node: string, spec: ResourceSpec): void {
 export function placeableNodes(view: ClusterView): string[] {
   const out: string[] = [];
   for (const n of view.nodes.values()) {
-    if (n.status?.state === 'online' && n.alive?.ready && n.reg && !n.admin.maintenance) out.push(n.name);
+    if (n.status?.state === 'online' && n.alive?.ready && !n.alive.isolated && n.reg && !n.admin.maintenance)
+      out.push(n.name);
   }
   return out.sort();
 }

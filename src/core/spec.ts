@@ -1,6 +1,7 @@
 // Resource definitions: the desired state users write (YAML, CLI, API). Zod at the edge;
 // the core sees only the parsed types. Durations are integers in ms, sizes in MiB.
 import { z } from 'zod';
+import { VmSpec } from './vm-spec.js';
 
 export const resourceIdPattern = /^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$/;
 export const ResourceId = z
@@ -59,26 +60,47 @@ export const RestartPolicy = z.strictObject({
 });
 export type RestartPolicy = z.infer<typeof RestartPolicy>;
 
-export const ResourceSpec = z.strictObject({
-  id: ResourceId,
-  kind: z.literal('process').default('process'),
-  process: ProcessSpec,
-  health: HealthCheck.optional(),
-  cpus: z.number().positive().default(1),
-  /** memory the resource reserves on its node, MiB */
-  memory: z.number().int().positive().default(128),
-  /** higher is placed first when capacity is short */
-  priority: z.number().int().min(-1000).max(1000).default(0),
-  /** node labels the resource requires */
-  nodeSelector: z.record(z.string(), z.string()).default({}),
-  /** run on the same node as these resources */
-  affinity: z.array(ResourceId).default([]),
-  /** never on the same node as these resources */
-  antiAffinity: z.array(ResourceId).default([]),
-  restart: RestartPolicy.default({ maxRestarts: 3, windowMs: 60000, maxRelocations: 1 }),
-  /** preferred node (set by `corral resource move`); used when online and eligible */
-  preferredNode: z.string().optional(),
-  desired: z.enum(['started', 'stopped']).default('started'),
-});
+export const ResourceSpec = z
+  .strictObject({
+    id: ResourceId,
+    /** process: a supervised command; vm: a QEMU virtual machine (live-migratable) */
+    kind: z.enum(['process', 'vm']).default('process'),
+    process: ProcessSpec.optional(),
+    vm: VmSpec.optional(),
+    health: HealthCheck.optional(),
+    cpus: z.number().positive().default(1),
+    /** memory the resource reserves on its node, MiB */
+    memory: z.number().int().positive().default(128),
+    /** higher is placed first when capacity is short */
+    priority: z.number().int().min(-1000).max(1000).default(0),
+    /** node labels the resource requires */
+    nodeSelector: z.record(z.string(), z.string()).default({}),
+    /** run on the same node as these resources */
+    affinity: z.array(ResourceId).default([]),
+    /** never on the same node as these resources */
+    antiAffinity: z.array(ResourceId).default([]),
+    restart: RestartPolicy.default({ maxRestarts: 3, windowMs: 60000, maxRelocations: 1 }),
+    /** preferred node (set by `corral resource move`); used when online and eligible */
+    preferredNode: z.string().optional(),
+    desired: z.enum(['started', 'stopped']).default('started'),
+  })
+  .superRefine((r, ctx) => {
+    if (r.kind === 'process' && !r.process)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['process'],
+        message: 'expected a `process:` section (kind is process)',
+      });
+    if (r.kind === 'vm' && !r.vm)
+      ctx.addIssue({ code: 'custom', path: ['vm'], message: 'expected a `vm:` section (kind is vm)' });
+    if (r.kind === 'process' && r.vm)
+      ctx.addIssue({ code: 'custom', path: ['vm'], message: 'a `vm:` section needs `kind: vm`' });
+    if (r.kind === 'vm' && r.process)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['process'],
+        message: 'a `process:` section needs `kind: process`',
+      });
+  });
 export type ResourceSpec = z.infer<typeof ResourceSpec>;
 export type ResourceSpecInput = z.input<typeof ResourceSpec>;

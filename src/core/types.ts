@@ -49,6 +49,8 @@ export interface Alive {
   incarnation: number;
   /** false until the agent has stopped whatever the store does not assign to it */
   ready: boolean;
+  /** the node reaches none of its known external addresses: move its resources away */
+  isolated?: boolean;
 }
 
 /** nodeadmin/<node>: operator intent. */
@@ -103,14 +105,53 @@ export interface ResourceRecord {
   sinceMs: number;
   failures: FailureMark[];
   relocations: number;
+  /** set while a live migration runs (state 'migrating') */
+  migration?: Migration;
+  /** the highest epoch ever handed out for this resource (an aborted migration's target epoch) */
+  epochIssued?: number;
 }
 
-/** status/<node>/<id>: what the agent observed, at which epoch. */
+/**
+ * status/<node>/<id>: what the agent observed, at which epoch. Live migration adds:
+ * on the target 'incoming' (ready to receive, at the target epoch, with host:port);
+ * on the source 'migrating' (transfer under way, with progress) then 'migrated' (done:
+ * the source copy is paused for good), or back to 'started' with migrateError.
+ */
 export interface AgentStatus {
   epoch: number;
-  state: 'starting' | 'started' | 'stopping' | 'stopped' | 'failed';
+  state: 'starting' | 'started' | 'stopping' | 'stopped' | 'failed' | 'incoming' | 'migrating' | 'migrated';
   reason: string;
   sinceMs: number;
+  /** target side: where the source must send the migration stream */
+  incoming?: { host: string; port: number };
+  /** source side: transfer progress */
+  progress?: MigrationProgress;
+  /** source side: the last migration attempt failed (the source copy still runs) */
+  migrateError?: { targetEpoch: number; reason: string };
+}
+
+export interface MigrationProgress {
+  transferredBytes: number;
+  totalBytes: number;
+  /** bytes per second */
+  rateBps: number;
+  /** guest downtime QEMU reports (known at the end) */
+  downtimeMs?: number;
+  elapsedMs: number;
+}
+
+/** A live migration in progress (two-phase hand-over recorded in the store). */
+export interface Migration {
+  source: string;
+  target: string;
+  /** the epoch the target copy runs at once it owns the resource */
+  targetEpoch: number;
+  /** prepare: target starts an incoming copy; transfer: source sends; abort: target drops its copy */
+  phase: 'prepare' | 'transfer' | 'abort';
+  incoming?: { host: string; port: number };
+  startedAtMs: number;
+  deadlineMs: number;
+  reason: string;
 }
 
 /** cluster/flags */
@@ -142,6 +183,8 @@ export interface Timings {
   twoNodeFenceDelayMs: number;
   failureExpiryMs: number;
   monitorIntervalMs: number;
+  /** a live migration not finished by then is aborted (the source keeps the resource) */
+  migrationTimeoutMs?: number;
 }
 
 export const defaultTimings: Timings = {

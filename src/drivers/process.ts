@@ -22,7 +22,7 @@ import {
 } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
 import { CorralError, invariant } from '../core/errors.js';
-import { ResourceSpec } from '../core/spec.js';
+import { ResourceSpec, type ProcessSpec } from '../core/spec.js';
 import type { Driver, DriverEvent, Env, LocalResource } from '../env/types.js';
 import { describeCheck, probe } from './health.js';
 import {
@@ -110,6 +110,12 @@ function describeExit(code: number | null, signal: NodeJS.Signals | null): strin
   if (code !== null) return `exited with code ${code}`;
   if (signal !== null) return `killed by signal ${signal}`;
   return 'exited';
+}
+
+/** The process section of a spec this driver runs (start() refuses any other kind). */
+function procOf(spec: ResourceSpec): ProcessSpec {
+  invariant(spec.process, `${spec.id}: not a process resource`);
+  return spec.process;
 }
 
 export class ProcessDriver implements Driver {
@@ -234,7 +240,8 @@ export class ProcessDriver implements Driver {
   }
 
   private async doStart(e: Entry): Promise<LocalResource> {
-    const p = e.spec.process;
+    if (!e.spec.process) return this.failStart(e, `kind ${e.spec.kind} is not run by the process driver`);
+    const p = procOf(e.spec);
     let ids: { uid: number; gid: number } | undefined;
     if (p.user !== undefined) {
       const r = await lookupUser(p.user);
@@ -307,7 +314,7 @@ export class ProcessDriver implements Driver {
 
   /** wait until the health check passes once (or the settle time passes) within startTimeoutMs */
   private async awaitStarted(e: Entry): Promise<LocalResource> {
-    const p = e.spec.process;
+    const p = procOf(e.spec);
     const check = e.spec.health;
     const t0 = performance.now();
     const deadline = t0 + p.startTimeoutMs;
@@ -454,7 +461,7 @@ export class ProcessDriver implements Driver {
 
   private async doStop(e: Entry): Promise<LocalResource> {
     const prev = e.state;
-    const p = e.spec.process;
+    const p = procOf(e.spec);
     let reason = prev === 'failed' ? `stopped after failure: ${e.reason}` : 'not running';
     this.clearTimers(e);
     e.state = 'stopping';
@@ -635,7 +642,7 @@ export class ProcessDriver implements Driver {
   }
 
   private logPathOf(spec: ResourceSpec): string {
-    const log = spec.process.log;
+    const log = procOf(spec).log;
     if (log === undefined) return join(this.stateDir, LOG_DIR, `${spec.id}.log`);
     return isAbsolute(log) ? log : join(this.stateDir, log);
   }
@@ -643,7 +650,7 @@ export class ProcessDriver implements Driver {
   private resourceEnv(e: Entry): NodeJS.ProcessEnv {
     return {
       ...process.env,
-      ...e.spec.process.env,
+      ...procOf(e.spec).env,
       CORRAL_RESOURCE: e.id,
       CORRAL_EPOCH: String(e.epoch),
       CORRAL_NODE: this.node,

@@ -5,6 +5,7 @@
 import type { Store } from '../store/types.js';
 import type { Rng } from '../core/rng.js';
 import type { ResourceSpec } from '../core/spec.js';
+import type { MigrationProgress } from '../core/types.js';
 
 export interface Env {
   /** wall-clock ms (virtual in the simulator) */
@@ -22,9 +23,14 @@ export interface LocalResource {
   id: string;
   /** the assignment epoch it was started for */
   epoch: number;
-  state: 'starting' | 'started' | 'stopping' | 'stopped' | 'failed';
+  /** incoming: a live-migration target waiting for the stream (the guest does not run yet) */
+  state: 'starting' | 'started' | 'stopping' | 'stopped' | 'failed' | 'incoming';
   reason: string;
 }
+
+export type MigrateOutcome =
+  | { ok: true; progress: MigrationProgress }
+  | { ok: false; reason: string; progress?: MigrationProgress };
 
 export type DriverEvent =
   /** the resource left the started state on its own: exited, crashed, health check failed */
@@ -45,6 +51,20 @@ export interface Driver {
   /** kill at once, without grace (self-fence); resolves once it no longer runs */
   killAll(): Promise<void>;
   list(): LocalResource[];
+  /**
+   * Live migration (drivers that support it, e.g. qemu). Target: start a copy waiting for
+   * the stream at `epoch`; once the stream completes the copy runs on its own and list()
+   * shows it 'started'. Source: send the running copy to host:port; on success the local
+   * copy is stopped for good (the driver forgets it), on failure it keeps running.
+   */
+  supportsMigration?(spec: ResourceSpec): boolean;
+  prepareIncoming?(spec: ResourceSpec, epoch: number): Promise<{ ok: true; host: string; port: number } | { ok: false; reason: string }>;
+  migrateOut?(
+    id: string,
+    target: { host: string; port: number },
+    onProgress: (p: MigrationProgress) => void,
+  ): Promise<MigrateOutcome>;
+  cancelMigration?(id: string): Promise<void>;
   /** events that happen on their own (crash, health check failure), delivered at once */
   onEvent(handler: (ev: DriverEvent) => void): void;
   close(): Promise<void>;
@@ -71,4 +91,26 @@ export interface Fencer {
   /** number of devices configured for the node (0: fall back to the self-fence deadline) */
   deviceCount(node: string): number;
   fence(node: string, deadlineMs: number): Promise<FenceOutcome>;
+}
+
+/**
+ * A node-level health monitor beside the lease (disk heartbeat, reachability): it may
+ * declare the node isolated (its resources move away) or demand a self-fence at once.
+ */
+export interface NodeMonitor {
+  readonly name: string;
+  start(ctx: NodeMonitorContext): Promise<void>;
+  stop(): Promise<void>;
+}
+
+export interface NodeMonitorContext {
+  node: string;
+  /** kill every resource now and rejoin later (the agent's self-fence) */
+  selfFence(why: string): Promise<void>;
+  /** report the node isolated (or no longer) in its alive record */
+  setIsolated(isolated: boolean, why: string): void;
+  /** true while the lease was renewed within its renew interval (the store is reachable) */
+  storeHealthy(): boolean;
+  /** the agent's lease is currently held */
+  joined(): boolean;
 }

@@ -90,7 +90,7 @@ export function registerResource(program: Command): void {
             process.stdout.write(
               `  desired  ${spec.desired}, priority ${spec.priority}, ${spec.cpus} cpu, ${spec.memory} MiB\n`,
             );
-            process.stdout.write(`  command  ${JSON.stringify(spec.process.command)}\n`);
+            process.stdout.write(`  command  ${JSON.stringify(spec.process?.command ?? spec.vm)}\n`);
             if (rec && rec.failures.length > 0) {
               process.stdout.write(`  failures (${rec.failures.length}):\n`);
               for (const f of rec.failures)
