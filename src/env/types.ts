@@ -2,7 +2,6 @@
 // src/env/node.ts (real clock, real store, real processes). Simulation: src/sim/env.ts
 // (virtual clock, simulated store, drivers and fence devices). Agent and manager code
 // never touch Date.now, timers, child_process or the network directly.
-import type { Store } from '../store/types.js';
 import type { Rng } from '../core/rng.js';
 import type { ResourceSpec } from '../core/spec.js';
 import type { MigrationProgress } from '../core/types.js';
