@@ -1,0 +1,14 @@
+// Where a VM's runtime files live on its node: one directory per VM under the node's
+// state directory. The qemu driver creates them; the console proxy connects to vnc.sock.
+import { join } from 'node:path';
+
+export function vmPaths(stateDir: string, id: string) {
+  const dir = join(stateDir, 'vm', id);
+  return {
+    dir,
+    qmpSocket: join(dir, 'qmp.sock'),
+    vncSocket: join(dir, 'vnc.sock'),
+    pidfile: join(dir, 'qemu.pid'),
+    log: join(dir, 'qemu.log'),
+  };
+}
