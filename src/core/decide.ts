@@ -113,6 +113,7 @@ function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
           set('unknown', `lease expired: no renewal for ${view.timings.leaseTtlMs} ms`, {
             lostAtMs: now,
             incarnation: st.incarnation,
+            ...(view.flags.armed ? {} : { lostDisarmed: true }),
           }),
         ];
       }
@@ -128,7 +129,13 @@ function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
         const reason = 'cluster disarmed: not fencing';
         return st.reason === reason
           ? []
-          : [set('unknown', reason, { lostAtMs: st.lostAtMs, incarnation: st.incarnation })];
+          : [
+              set('unknown', reason, {
+                lostAtMs: st.lostAtMs,
+                incarnation: st.incarnation,
+                lostDisarmed: st.lostDisarmed,
+              }),
+            ];
       }
       const delayMs = twoNodeFenceDelayMs(view, n.name);
       const lostAtMs = st.lostAtMs ?? st.sinceMs;
@@ -142,6 +149,7 @@ function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
           {
             lostAtMs,
             incarnation: st.incarnation,
+            lostDisarmed: st.lostDisarmed,
             nextFenceAtMs: now,
           },
         ),
@@ -168,7 +176,7 @@ function decideFencing(
   const t = view.timings;
   const lostAtMs = st.lostAtMs ?? st.sinceMs;
   const inFlight = view.fencing.has(n.name);
-  const keep = { lostAtMs, incarnation: st.incarnation };
+  const keep = { lostAtMs, incarnation: st.incarnation, lostDisarmed: st.lostDisarmed };
   const f = n.fence;
   if (f && f.ok && f.incarnation === st.incarnation && f.atMs >= lostAtMs) {
     return [set('fenced', `fenced by ${f.device}`, keep)];
@@ -177,6 +185,12 @@ function decideFencing(
   if (n.alive)
     return [set(n.admin.maintenance ? 'maintenance' : 'online', 'lease renewed by a new incarnation')];
   if (!view.flags.armed) return [set('unknown', 'cluster disarmed: not fencing', keep)];
+  if (n.fenceDevices === 0 && st.lostDisarmed) {
+    // Lost while disarmed: its agent did not self-fence and, if cut off, never saw the re-arm.
+    // No deadline proves it down; wait for the node to come back (or a device to be configured).
+    const reason = 'no fence device and the lease was lost while disarmed: waiting for the node to return';
+    return st.reason === reason ? [] : [set('fencing', reason, { ...keep, fenceAttempts: st.fenceAttempts })];
+  }
   if (n.fenceDevices === 0) {
     // The agent self-fences before its lease can expire; we saw the lease gone at lostAtMs,
     // so its resources are down by then plus the time a kill takes (the margin).

@@ -67,6 +67,11 @@ export interface NodeStatus {
   incarnation: number;
   /** when the manager saw the lease gone */
   lostAtMs?: number;
+  /**
+   * the lease was lost while the cluster was disarmed: the agent did not self-fence then and may
+   * never learn of a later re-arm (cut off), so only a fence device or the node's return ends it
+   */
+  lostDisarmed?: boolean;
   fenceAttempts: number;
   nextFenceAtMs?: number;
 }
