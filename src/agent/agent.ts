@@ -81,6 +81,7 @@ export class Agent {
   /** modRevision of each assignment we last read, for the claim txn before a start */
   private readonly assignRevs = new Map<string, number>();
   private reconcileQueued = false;
+  private disarmedFeeding = false;
   private stopping = false;
   private loops: Promise<void>[] = [];
   private wakeRenew: (() => void) | undefined;
@@ -335,11 +336,28 @@ export class Agent {
     try {
       const prev = this.flags;
       this.flags = { ...defaultFlags, ...(JSON.parse(value) as Partial<ClusterFlags>) };
-      if (prev.armed && !this.flags.armed) this.o.watchdog?.disarm();
+      if (prev.armed && !this.flags.armed) this.feedWhileDisarmed();
       if (!prev.armed && this.flags.armed && this.phase === 'joined') this.renewed(this.lastRenewOkSentMs);
     } catch {
       this.o.env.log('warn', 'unreadable cluster flags ignored');
     }
+  }
+
+  /**
+   * Disarmed: a lost store no longer self-fences, but the watchdog keeps guarding against this
+   * agent dying or freezing (fed from a timer, not from renewals). Disarming it instead let a
+   * node whose agent died while disarmed keep its resources after the re-arm, when the manager
+   * counts the self-fence deadline as proof of death: a double run.
+   */
+  private feedWhileDisarmed(): void {
+    const t = this.o.timings;
+    if (this.flags.armed || this.stopping || !this.o.watchdog || this.disarmedFeeding) return;
+    this.disarmedFeeding = true;
+    this.o.watchdog.feed(t.leaseTtlMs - t.selfFenceMarginMs);
+    this.o.env.setTimer(t.renewIntervalMs, () => {
+      this.disarmedFeeding = false;
+      this.feedWhileDisarmed();
+    });
   }
 
   private queueReconcile(): void {
