@@ -76,7 +76,7 @@ export class SimStoreCore {
         `range ${prefix}: negative limit ${limit}`,
         'pass 0 for no limit',
       );
-    const start = fromKey !== undefined && fromKey > prefix ? fromKey : prefix;
+    const start = fromKey !== undefined && keyLess(prefix, fromKey) ? fromKey : prefix;
     let i = lowerBound(this.sorted, start);
     const out: KeyValue[] = [];
     for (; i < this.sorted.length; i++) {
@@ -91,6 +91,7 @@ export class SimStoreCore {
   // ---------------------------------------------------------------- writes
   txn(req: TxnRequest): TxnResult {
     for (const op of [...req.success, ...(req.failure ?? [])]) this.validateOp(op);
+    for (const branch of [req.success, req.failure ?? []]) this.checkDuplicates(branch);
     const ok = req.compare.every((c) => this.compare(c));
     const ops = ok ? req.success : (req.failure ?? []);
     const events: WatchEvent[] = [];
@@ -116,6 +117,34 @@ export class SimStoreCore {
       );
     if (op.type === 'range' && (op.limit ?? 0) < 0)
       throw err('CORRAL_STORE_BAD_REQUEST', `range ${op.prefix}: negative limit`, 'pass 0 for no limit');
+  }
+
+  /** etcd rule: a branch may not write one key twice (puts, deletes, overlapping deletePrefix) */
+  private checkDuplicates(ops: TxnOp[]): void {
+    const written = new Set<string>();
+    const prefixes: string[] = [];
+    for (const op of ops) {
+      if (op.type === 'put' || op.type === 'delete') {
+        if (written.has(op.key) || prefixes.some((p) => op.key.startsWith(p)))
+          throw err(
+            'CORRAL_STORE_BAD_REQUEST',
+            `txn writes ${op.key} twice`,
+            'write each key at most once per txn branch',
+          );
+        written.add(op.key);
+      } else if (op.type === 'deletePrefix') {
+        if (
+          [...written].some((k) => k.startsWith(op.prefix)) ||
+          prefixes.some((p) => p.startsWith(op.prefix) || op.prefix.startsWith(p))
+        )
+          throw err(
+            'CORRAL_STORE_BAD_REQUEST',
+            `txn deletePrefix ${op.prefix} overlaps another write`,
+            'write each key at most once per txn branch',
+          );
+        prefixes.push(op.prefix);
+      }
+    }
   }
 
   private compare(c: Compare): boolean {
@@ -228,14 +257,18 @@ export class SimStoreCore {
     fail: CoreWatcher['fail'],
   ): CoreWatcher {
     const start = startRevision ?? this.revision + 1;
-    if (start > 0 && start <= this.compactRevision)
-      throw err(
-        'CORRAL_STORE_COMPACTED',
-        `watch ${prefix} from revision ${start}: compacted up to ${this.compactRevision}`,
-        'reload and watch from the current revision',
-        this.compactRevision + 1,
-      );
     const w: CoreWatcher = { prefix, nextRevision: Math.max(1, start), push, fail };
+    if (start > 0 && start <= this.compactRevision) {
+      const oldest = this.compactRevision + 1;
+      const e = err(
+        'CORRAL_STORE_COMPACTED',
+        `watch ${prefix} from revision ${start}: history compacted, oldest revision kept is ${oldest}`,
+        'reload the state and watch from the current revision',
+        oldest,
+      );
+      this.sched.at(this.sched.nowMs(), () => fail(e));
+      return w;
+    }
     this.watchers.add(w);
     this.feed(w);
     return w;
@@ -578,12 +611,25 @@ class ClientWatch implements Watcher {
   }
 }
 
+const beyondBmpLow = /[\uD800-\uFFFF]/;
+const utf8 = new TextEncoder();
+
+/** key order of etcd: UTF-8 bytes (differs from UTF-16 code units only around surrogates) */
+export function keyLess(a: string, b: string): boolean {
+  if (!beyondBmpLow.test(a) && !beyondBmpLow.test(b)) return a < b;
+  const x = utf8.encode(a);
+  const y = utf8.encode(b);
+  const n = Math.min(x.length, y.length);
+  for (let i = 0; i < n; i++) if (x[i] !== y[i]) return (x[i] as number) < (y[i] as number);
+  return x.length < y.length;
+}
+
 function lowerBound(xs: string[], key: string): number {
   let lo = 0;
   let hi = xs.length;
   while (lo < hi) {
     const mid = (lo + hi) >> 1;
-    if ((xs[mid] as string) < key) lo = mid + 1;
+    if (keyLess(xs[mid] as string, key)) lo = mid + 1;
     else hi = mid;
   }
   return lo;
