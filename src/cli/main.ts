@@ -10,6 +10,7 @@ import { registerCluster } from './commands/cluster.js';
 import { registerDemo } from './commands/demo.js';
 import { registerClone } from './commands/clone.js';
 import { registerSim } from './commands/sim.js';
+import { registerDisk } from './commands/disk.js';
 
 const program = new Command('corral')
   .description('Corral: high-availability cluster manager for VMs and services')
@@ -26,6 +27,7 @@ registerCluster(program);
 registerAgent(program);
 registerClone(program);
 registerSim(program);
+registerDisk(program);
 
 try {
   await program.parseAsync(process.argv);

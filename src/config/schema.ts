@@ -270,7 +270,21 @@ const fenceDevice = (baseDir: string) =>
       timeoutMs: fenceTimeoutMs,
     }),
     z.strictObject({ type: z.literal('local') }),
+    z.strictObject({
+      type: z.literal('sbd'),
+      device: filePath(baseDir),
+      timeoutMs: fenceTimeoutMs,
+      msgwaitMs: boundedInt(1, configLimits.timingMsMax, 'ms').default(4000),
+    }),
   ]);
+
+/** the node's slot on a shared heartbeat disk (src/health/diskhb.ts) */
+const diskHeartbeat = (baseDir: string) =>
+  z.strictObject({
+    device: filePath(baseDir),
+    slot: boundedInt(0, 254, 'slot number'),
+    intervalMs: boundedInt(50, configLimits.timingMsMax, 'ms').default(1000),
+  });
 
 const nodeSchema = (baseDir: string) =>
   z.strictObject({
@@ -292,6 +306,7 @@ const nodeSchema = (baseDir: string) =>
         error: `expected at most ${configLimits.fenceDevicesPerNodeMax} fence devices`,
       })
       .default([]),
+    disk: diskHeartbeat(baseDir).optional(),
   });
 
 /** Reports a repeated value at the repeating entry, naming the first one. Runs even if other fields fail. */

@@ -1,11 +1,13 @@
 // The production Fencer: runs a node's fence devices in the configured order until one
 // succeeds, each bounded by its own timeoutMs and all by the caller's deadline.
+import { hostname } from 'node:os';
 import { basename } from 'node:path';
 import { CorralError } from '../core/errors.js';
 import type { FenceOutcome, Fencer } from '../env/types.js';
 import { fenceWithAgent } from './fence-agent.js';
 import { fenceLocal } from './local.js';
 import { runDevice } from './run.js';
+import { fenceSbd } from './sbd.js';
 import type { DeviceResult, FenceDeviceConfig, FenceNodeConfig, FencerOptions } from './types.js';
 
 export type { FenceDeviceConfig, FenceNodeConfig, FencerOptions } from './types.js';
@@ -36,6 +38,8 @@ export function deviceName(d: FenceDeviceConfig): string {
       return `fence-agent:${d.agent}`;
     case 'local':
       return 'local';
+    case 'sbd':
+      return `sbd:${d.device}`;
   }
 }
 
@@ -54,6 +58,13 @@ export function createFencer(nodes: FenceNodeConfig[], opts: FencerOptions): Fen
           `nodes.${n.name}.fence[${i}].command`,
           'empty argv',
           'give the executable and its arguments',
+        );
+      }
+      if (d.type === 'sbd' && !(d.msgwaitMs < d.timeoutMs)) {
+        throw new FenceConfigError(
+          `nodes.${n.name}.fence[${i}].msgwaitMs`,
+          `msgwaitMs (${d.msgwaitMs}) must be less than timeoutMs (${d.timeoutMs})`,
+          'a silent slot counts as fenced only after msgwaitMs, which must fit in the device timeout',
         );
       }
       if (!(deviceTimeoutMs(d) > 0)) {
@@ -87,6 +98,17 @@ export function createFencer(nodes: FenceNodeConfig[], opts: FencerOptions): Fen
         }
         return fenceLocal(opts.localStateDir(node), timeoutMs, note);
       }
+      case 'sbd':
+        return fenceSbd({
+          device: d.device,
+          node,
+          slot: d.slot ?? opts.diskSlot?.(node),
+          timeoutMs,
+          msgwaitMs: d.msgwaitMs,
+          from: opts.self ?? hostname(),
+          nowMs: now,
+          note,
+        });
     }
   }
 

@@ -13,7 +13,9 @@ export type FenceDeviceConfig =
       timeoutMs: number;
     }
   /** demo and tests: kill the node's agent, watchdog and resources on this host */
-  | { type: 'local'; timeoutMs?: number };
+  | { type: 'local'; timeoutMs?: number }
+  /** poison pill through the shared heartbeat disk (src/fence/sbd.ts); slot: the node's, else found by name */
+  | { type: 'sbd'; device: string; timeoutMs: number; msgwaitMs: number; slot?: number };
 
 export interface FenceNodeConfig {
   name: string;
@@ -26,6 +28,10 @@ export interface FencerOptions {
   localStateDir?: (node: string) => string;
   /** directories searched first for fence agent binaries (then $CORRAL_FENCE_AGENT_PATH, /usr/sbin, /sbin, $PATH) */
   fenceAgentDirs?: string[];
+  /** the heartbeat-disk slot of a node (the `sbd` device), from its `disk` setting */
+  diskSlot?: (node: string) => number | undefined;
+  /** who fences, written with a poison pill (default the host name) */
+  self?: string;
   /** wall clock for deadlines (default Date.now) */
   nowMs?: () => number;
 }

@@ -8,10 +8,14 @@ import { loadClusterConfig } from '../../config/schema.js';
 import { openStore } from '../../store/index.js';
 import { nodeEnv } from '../../env/node.js';
 import { ProcessDriver } from '../../drivers/process.js';
+import { QemuDriver } from '../../drivers/qemu.js';
+import { CompositeDriver } from '../../drivers/composite.js';
 import { createFencer, writeAgentPidfile } from '../../fence/index.js';
 import { startWatchdog } from '../../agent/watchdog.js';
 import { Agent } from '../../agent/agent.js';
-import type { Watchdog } from '../../env/types.js';
+import type { NodeMonitor, Watchdog } from '../../env/types.js';
+import { DiskHeartbeat } from '../../health/diskhb.js';
+import { Reachability } from '../../health/reachability.js';
 
 export const defaultStateRoot = '/var/lib/corral';
 
@@ -61,11 +65,18 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
   const env = nodeEnv({ name: me.name, level: opts.logLevel });
   const t = config.timings;
   const store = await openStore(config.store, { opTimeoutMs: Math.max(500, t.renewIntervalMs) });
-  const driver = new ProcessDriver({ node: me.name, stateDir, env });
+  const driver = new CompositeDriver({
+    process: new ProcessDriver({ node: me.name, stateDir, env }),
+    vm: new QemuDriver({ node: me.name, address: me.address, stateDir, env }),
+    stateDir,
+  });
   const fencer = createFencer(config.nodes, {
     log: env.log,
     localStateDir: (node) => nodeStateDir(opts.stateRoot, node),
+    diskSlot: (node) => config.nodes.find((n) => n.name === node)?.disk?.slot,
+    self: me.name,
   });
+  const monitors = nodeMonitors(config, me, env);
   let watchdog: Watchdog | undefined;
   if (opts.watchdog) watchdog = await startWatchdog({ stateDir, log: env.log });
   const removePidfile = writeAgentPidfile(stateDir);
@@ -81,6 +92,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
     capacity: me.capacity,
     labels: me.labels,
     timings: t,
+    monitors,
     onEvent: (e) => env.log('info', e.message, { event: e.action, by: e.by }),
   });
   let stopping: Promise<void> | undefined;
@@ -107,4 +119,33 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
   env.log('info', `agent running (config ${configPath}, state ${stateDir}, store ${store.url})`);
   await done;
   return 0;
+}
+
+/** The node's health monitors beside the lease: heartbeat disk and known-address reachability. */
+function nodeMonitors(
+  config: ReturnType<typeof loadClusterConfig>,
+  me: ReturnType<typeof loadClusterConfig>['nodes'][number],
+  env: ReturnType<typeof nodeEnv>,
+): NodeMonitor[] {
+  const t = config.timings;
+  config.nodes.forEach((n) =>
+    n.fence.forEach((d, i) => {
+      // a silent slot counts as fenced after msgwaitMs: never sooner than the no-device rule
+      if (d.type === 'sbd' && d.msgwaitMs < t.noDeviceFenceMarginMs)
+        throw new UsageError(
+          `nodes.${n.name}.fence[${i}].msgwaitMs: ${d.msgwaitMs} ms is less than timings.noDeviceFenceMarginMs (${t.noDeviceFenceMarginMs})`,
+          'a silent heartbeat slot must prove at least what the self-fence deadline proves: raise msgwaitMs',
+        );
+    }),
+  );
+  const monitors: NodeMonitor[] = [];
+  if (me.disk)
+    monitors.push(
+      new DiskHeartbeat({ path: me.disk.device, slot: me.disk.slot, intervalMs: me.disk.intervalMs, env }),
+    );
+  if (config.network.knownAddresses.length > 0)
+    monitors.push(
+      new Reachability({ addresses: config.network.knownAddresses, intervalMs: t.monitorIntervalMs, env }),
+    );
+  return monitors;
 }
