@@ -12,3 +12,8 @@ export function vmPaths(stateDir: string, id: string) {
     log: join(dir, 'qemu.log'),
   };
 }
+
+/** the QEMU guest agent's channel (a virtio-serial port) when the VM has `guestAgent: true` */
+export function vmGuestAgentSocket(stateDir: string, id: string): string {
+  return join(vmPaths(stateDir, id).dir, 'qga.sock');
+}
