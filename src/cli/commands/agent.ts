@@ -10,8 +10,6 @@ import { nodeEnv } from '../../env/node.js';
 import { ProcessDriver } from '../../drivers/process.js';
 import { QemuDriver } from '../../drivers/qemu.js';
 import { CompositeDriver } from '../../drivers/composite.js';
-import { QemuDriver } from '../../drivers/qemu.js';
-import { CompositeDriver } from '../../drivers/composite.js';
 import { createFencer, writeAgentPidfile } from '../../fence/index.js';
 import { startWatchdog } from '../../agent/watchdog.js';
 import { Agent } from '../../agent/agent.js';
