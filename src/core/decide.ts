@@ -113,7 +113,7 @@ function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
           set('unknown', `lease expired: no renewal for ${view.timings.leaseTtlMs} ms`, {
             lostAtMs: now,
             incarnation: st.incarnation,
-            ...(view.flags.armed ? {} : { lostDisarmed: true }),
+            ...(lostWhileDisarmed(view) ? { lostDisarmed: true } : {}),
           }),
         ];
       }
@@ -242,6 +242,16 @@ function decideFencing(
       event: ev(view, by, 'fence', n.name, 'fence-start', `${n.name}: fencing (attempt ${attempt})`),
     },
   ];
+}
+
+/**
+ * Could the node whose lease we just saw gone have believed the cluster disarmed (so it did not
+ * self-fence)? Yes while disarmed, and for two lease TTLs after the re-arm: a node cut off just
+ * before the re-arm never saw it, and its lease lasts up to one TTL after its last contact.
+ */
+function lostWhileDisarmed(view: ClusterView): boolean {
+  const f = view.flags;
+  return !f.armed || (f.armedAtMs !== undefined && view.nowMs < f.armedAtMs + 2 * view.timings.leaseTtlMs);
 }
 
 /** Two-node clusters: delay fencing a node that runs higher-priority work than ours. */
@@ -506,7 +516,7 @@ type Write = (patch: Partial<ResourceRecord>, message?: string) => Action[];
 
 /** A fresh epoch: above the current one and above every epoch handed out before (aborted migrations). */
 function nextEpoch(rec: ResourceRecord): number {
-  return Math.max(rec.epoch, rec.epochIssued ?? 0) + 1;
+  return Math.max(rec.epoch, rec.epochIssued ?? 0, rec.migration?.targetEpoch ?? 0) + 1;
 }
 
 /** Resources that move live (two-phase hand-over) instead of stop-then-start. */
@@ -609,7 +619,12 @@ function decideMigration(
     const targetGone = !tAt || tAt.state === 'stopped' || tAt.state === 'failed' || down(m.target);
     if (!targetGone) return []; // wait: the target's copy must be gone before anything else happens
     const state = copy === 'running' ? 'started' : rec.state === 'migrating' ? 'starting' : rec.state;
-    return write({ state, migration: undefined, reason: `migration to ${m.target} failed: ${m.reason}` });
+    return write({
+      state,
+      migration: undefined,
+      epochIssued: Math.max(rec.epochIssued ?? 0, m.targetEpoch),
+      reason: `migration to ${m.target} failed: ${m.reason}`,
+    });
   }
   if (!up(m.source)) {
     // the source went away mid-migration: if the stream completed, the target owns the guest
