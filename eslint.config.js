@@ -16,6 +16,8 @@ export default tseslint.config(
   },
   {
     files: ['src/core/**/*.ts'],
+    // tests of the core may use node:test and node:assert; the code under test may not
+    ignores: ['src/core/**/*.test.ts'],
     rules: {
       'no-restricted-globals': [
         'error',
