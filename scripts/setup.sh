@@ -9,6 +9,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v sfdisk >/dev/null || need+=(fdisk)
 command -v zstd >/dev/null || need+=(zstd)
 command -v fence_dummy >/dev/null || [ -x /usr/sbin/fence_dummy ] || need+=(fence-agents)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v fping >/dev/null || need+=(fping)
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
   apt-get update -qq

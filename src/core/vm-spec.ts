@@ -28,17 +28,22 @@ export const VmName = z.string().superRefine((s, ctx) => {
 const Mac = z.string().toLowerCase().regex(macPattern, 'expected a MAC like 52:54:00:12:34:56');
 const ms = (def: number, min = 0) => z.number().int().min(min).default(def);
 
-export const VmDisk = z.strictObject({
-  /** file on shared storage, block device or LVM volume (absolute path, no `..`) */
-  path: z
-    .string()
-    .regex(/^\/[^\0,]*$/, 'expected an absolute path without commas')
-    .refine((p) => !p.split('/').includes('..'), 'a disk path may not contain ".."'),
-  format: z.enum(['raw', 'qcow2']).default('raw'),
-  readOnly: z.boolean().default(false),
-  /** the bus the guest sees */
-  bus: z.enum(['virtio', 'ide']).default('virtio'),
-});
+export const VmDisk = z
+  .strictObject({
+    /** file on shared storage, block device or LVM volume (absolute path, no `..`) */
+    path: z
+      .string()
+      .regex(/^\/[^\0,]*$/, 'expected an absolute path without commas')
+      .refine((p) => !p.split('/').includes('..'), 'a disk path may not contain ".."'),
+    format: z.enum(['raw', 'qcow2']).default('raw'),
+    readOnly: z.boolean().default(false),
+    /** the bus the guest sees */
+    bus: z.enum(['virtio', 'ide']).default('virtio'),
+  })
+  .refine((d) => !(d.readOnly && d.bus === 'ide'), {
+    message: 'QEMU cannot attach a read-only disk on the ide bus: use bus virtio',
+    path: ['readOnly'],
+  });
 export type VmDisk = z.infer<typeof VmDisk>;
 
 export const VmNic = z.discriminatedUnion('type', [
