@@ -10,6 +10,8 @@ import { registerCluster } from './commands/cluster.js';
 import { registerDemo } from './commands/demo.js';
 import { registerClone } from './commands/clone.js';
 import { registerSim } from './commands/sim.js';
+import { registerApi } from './commands/api.js';
+import { registerToken } from './commands/token.js';
 import { registerDisk } from './commands/disk.js';
 
 const program = new Command('corral')
@@ -27,6 +29,8 @@ registerCluster(program);
 registerAgent(program);
 registerClone(program);
 registerSim(program);
+registerApi(program);
+registerToken(program);
 registerDisk(program);
 
 try {

@@ -21,6 +21,7 @@ export interface NodeRow {
 
 export interface ResourceRow {
   id: string;
+  kind: 'process' | 'vm';
   node: string | null;
   state: ResourceState;
   desired: 'started' | 'stopped' | 'undefined';
@@ -64,6 +65,7 @@ export async function readStatus(
     const obs = node ? r.statuses.get(node) : undefined;
     resources.push({
       id: r.id,
+      kind: r.spec?.kind ?? 'process',
       node: rec?.state === 'stopped' ? null : node,
       state: rec?.state ?? 'stopped',
       desired: r.spec?.desired ?? 'undefined',

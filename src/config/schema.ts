@@ -415,8 +415,16 @@ export function clusterConfigSchema(ctx: SchemaContext) {
           .strictObject({
             listen: hostPort.default('127.0.0.1:7440'),
             tls: z.strictObject({ cert: filePath(ctx.baseDir), key: filePath(ctx.baseDir) }).optional(),
+            /** /metrics needs a viewer token when true */
+            metricsAuth: z.boolean().default(false),
           })
           .prefault({}),
+        /** every event is also published to this AMQP broker (topic exchange corral.events) */
+        amqp: z
+          .strictObject({
+            url: z.string().regex(/^amqps?:\/\/\S+$/, { error: 'expected amqp://HOST[:PORT][/VHOST]' }),
+          })
+          .optional(),
       })
       .prefault({}),
     nodes: z
