@@ -169,6 +169,11 @@ export interface ClusterFlags {
   haltForce: boolean;
   /** false after `cluster form --no-apps`: nodes join, resources are not started */
   appsEnabled: boolean;
+  /**
+   * when the leader first saw the cluster armed again (stamped by the manager, cleared while
+   * disarmed): a node cut off before the re-arm never saw it and does not self-fence
+   */
+  armedAtMs?: number;
 }
 export const defaultFlags: ClusterFlags = { armed: true, halted: false, haltForce: false, appsEnabled: true };
 

@@ -28,6 +28,8 @@ export interface LeaderRecord {
 export interface Snapshot {
   revision: number;
   flags: ClusterFlags;
+  /** modRevision of the flags key, 0 when absent */
+  flagsModRevision: number;
   /** lease: the lease the leader key is bound to */
   leader?: LeaderRecord & { modRevision: number; lease: number };
   term: number;
@@ -157,6 +159,7 @@ export async function loadSnapshot(store: Store, cluster: string): Promise<Snaps
   return {
     revision: res.revision,
     flags,
+    flagsModRevision: flagsKv?.modRevision ?? 0,
     leader:
       leader && leaderKv
         ? { ...leader, modRevision: leaderKv.modRevision, lease: leaderKv.lease }

@@ -8,7 +8,7 @@ import { StoreError } from '../store/types.js';
 import { keys as keysOf, type Keys } from '../core/keys.js';
 import { decide } from '../core/decide.js';
 import { invariant } from '../core/errors.js';
-import type { Action, ClusterEvent, ClusterView, FenceRecord, Timings } from '../core/types.js';
+import type { Action, ClusterEvent, ClusterFlags, ClusterView, FenceRecord, Timings } from '../core/types.js';
 import { loadSnapshot, type LeaderRecord, type Snapshot } from './load.js';
 
 export const managerLimits = {
@@ -112,10 +112,32 @@ export class Manager {
       return;
     }
     for (const c of snap.corrupt) this.o.env.log('warn', 'unreadable record ignored', c);
+    if (await this.stampArmed(snap)) return; // the flags changed: decide from a fresh read
     const view = this.viewOf(snap);
     const actions = decide(view);
     await this.apply(snap, actions);
     if (++this.rounds % managerLimits.trimEveryRounds === 0) await this.trimEvents();
+  }
+
+  /**
+   * Keep flags.armedAtMs: set when first seen armed after a disarm, cleared while disarmed.
+   * decide() treats nodes lost shortly after a re-arm like nodes lost while disarmed.
+   */
+  private async stampArmed(snap: Snapshot): Promise<boolean> {
+    const f = snap.flags;
+    if (snap.flagsModRevision === 0) return false; // never disarmed
+    if (f.armed === (f.armedAtMs !== undefined)) return false;
+    const next: ClusterFlags = { ...f };
+    if (f.armed) next.armedAtMs = this.o.env.nowMs();
+    else delete next.armedAtMs;
+    await this.o.store.txn({
+      compare: [
+        this.leaderGuard(),
+        { key: this.k.flags, target: 'modRevision', op: '==', value: snap.flagsModRevision },
+      ],
+      success: [{ type: 'put', key: this.k.flags, value: JSON.stringify(next) }],
+    });
+    return true;
   }
 
   private checkLeadership(snap: Snapshot, lease: number): boolean {
