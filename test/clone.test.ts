@@ -14,6 +14,7 @@ import {
   moveToEnd,
   serverName,
   slowReceiver,
+  type LagView,
 } from '../src/provision/clone/chain.js';
 import { FrameParser, FrameType, encodeFrame, type Frame } from '../src/provision/clone/protocol.js';
 import { corral, exitWithin, killAll, makeImage, type Proc } from '../src/provision/clone/testing.js';
@@ -108,35 +109,38 @@ describe('clone chain decisions', () => {
     );
   });
 
-  test('the slow receiver is the one lagging its upstream, not one blocked by its downstream', () => {
-    const v = (name: string, writtenBytes: number, blocked = false, moves = 0) => ({
+  test('the slow receiver lags its upstream and receives slower; not one blocked, catching up, or first', () => {
+    const v = (name: string, writtenMiB: number, rateMiBps: number, o: Partial<LagView> = {}): LagView => ({
       name,
-      writtenBytes,
-      blocked,
-      moves,
+      writtenBytes: writtenMiB * MiB,
+      rateBps: rateMiBps * MiB,
+      blocked: false,
+      moves: 0,
+      sinceRouteMs: 10_000,
+      ...o,
     });
+    const rule = { lagMaxBytes: 32 * MiB, movesMax: 2, graceMs: 2000, rateFraction: 0.75 };
     const size = 100 * MiB;
-    // b lags a by 40 MiB: b moves.
-    assert.equal(
-      slowReceiver([v('a', 60 * MiB), v('b', 20 * MiB), v('c', 19 * MiB)], 61 * MiB, size, 32 * MiB, 2),
-      'b',
-    );
+    // b lags a by 40 MiB and receives at a quarter of a's rate: b moves.
+    assert.equal(slowReceiver([v('a', 60, 100), v('b', 20, 25), v('c', 19, 25)], size, rule), 'b');
     // b is blocked by c: not b; c is last: nobody.
     assert.equal(
-      slowReceiver([v('a', 60 * MiB), v('b', 20 * MiB, true), v('c', 19 * MiB)], 61 * MiB, size, 32 * MiB, 2),
+      slowReceiver([v('a', 60, 100), v('b', 20, 25, { blocked: true }), v('c', 19, 25)], size, rule),
+      null,
+    );
+    // b just got a new upstream and catches up fast: not slow.
+    assert.equal(slowReceiver([v('a', 60, 100), v('b', 20, 300), v('c', 19, 25)], size, rule), null);
+    assert.equal(
+      slowReceiver([v('a', 60, 100), v('b', 20, 25, { sinceRouteMs: 500 }), v('c', 19, 25)], size, rule),
       null,
     );
     // b has been moved enough.
     assert.equal(
-      slowReceiver(
-        [v('a', 60 * MiB), v('b', 20 * MiB, false, 2), v('c', 19 * MiB)],
-        61 * MiB,
-        size,
-        32 * MiB,
-        2,
-      ),
+      slowReceiver([v('a', 60, 100), v('b', 20, 25, { moves: 2 }), v('c', 19, 25)], size, rule),
       null,
     );
+    // The first receiver is never judged against the server.
+    assert.equal(slowReceiver([v('a', 2, 5), v('b', 1, 5), v('c', 1, 5)], size, rule), null);
   });
 });
 

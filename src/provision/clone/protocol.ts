@@ -201,6 +201,8 @@ export const ToServer = z.discriminatedUnion('t', [
     forwardTo: z.string().nullable(),
     forwardAckBytes: z.number().int().nonnegative(),
   }),
+  /** The target is open (and, on a resume, rehashed): the receiver may be put into the chain. */
+  z.object({ t: z.literal('ready'), writtenBytes: z.number().int().nonnegative() }),
   z.object({ t: z.literal('done'), sha256: z.string(), ok: z.boolean(), writtenBytes: z.number().int() }),
   z.object({ t: z.literal('failed'), reason: z.string() }),
   z.object({ t: z.literal('link-failed'), to: z.string(), reason: z.string() }),

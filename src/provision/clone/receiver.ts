@@ -168,6 +168,8 @@ export class Receiver {
   private throttleStartMs = 0;
   private throttledBytes = 0;
   private sparseTarget = false;
+  /** The target is open (and rehashed on a resume): links may be accepted. */
+  private targetReady = false;
   private stateFile = '';
 
   constructor(o: ReceiverOptions) {
@@ -261,6 +263,12 @@ export class Receiver {
     const reply = await ctl.next(this.o.limits.welcomeTimeoutMs).catch((err: Error) => {
       throw new CloneUnreachableError(`--server ${where}`, `no welcome: ${err.message}`);
     });
+    if (reply.t === 'refused' && reply.code === 'target-too-small')
+      throw new CloneTargetError(
+        `--target ${this.o.target}`,
+        `${reply.reason}; nothing was written`,
+        'use a disk at least as large as the source',
+      );
     if (reply.t === 'refused') {
       throw new CloneRefusedError(
         reply.code,
@@ -344,6 +352,8 @@ export class Receiver {
       onLinkFailed: (to, reason) => this.control?.send({ t: 'link-failed', to, reason } satisfies ToServer),
     });
     this.attachControl(this.control!);
+    this.targetReady = true;
+    this.control!.send({ t: 'ready', writtenBytes: this.writtenBytes } satisfies ToServer);
     this.timers.push(setInterval(() => this.tick(), this.o.limits.progressEveryMs));
     this.log(
       `joined session '${h.session}': ${h.source}, ${fmtBytes(h.sizeBytes)}, sha256 ${h.sha256.slice(0, 16)}...`,
@@ -385,6 +395,7 @@ export class Receiver {
         const diff = sameStream(this.header!, h);
         if (diff) throw new CloneRefusedError('session', `the server now streams something else: ${diff}`);
         this.attachControl(this.control!);
+        this.control!.send({ t: 'ready', writtenBytes: this.writtenBytes } satisfies ToServer);
         this.log(`rejoined at ${fmtBytes(this.writtenBytes)}`);
         if (this.final) this.sendDone();
         return;
@@ -466,6 +477,7 @@ export class Receiver {
   ): { sock: Socket; connId: number; gen: number; headerOk: boolean } | null {
     const h = this.header;
     if (f.type !== FrameType.hello || !h || this.stopped) return this.reject(sock, 'expected HELLO');
+    if (!this.targetReady) return this.reject(sock, 'target not ready yet');
     let hello: LinkHello;
     try {
       hello = LinkHello.parse(JSON.parse(f.payload.toString()));

@@ -42,6 +42,10 @@ export interface ServerLimits {
   slowLagMaxBytes: number;
   /** How many times one receiver may be moved to the end. */
   slowMovesMax: number;
+  /** A receiver is not judged slow this soon after it got a new upstream. */
+  slowGraceMs: number;
+  /** Slow: receiving at less than this fraction of its upstream's rate. */
+  slowRateFraction: number;
   /** After the others finish, how long a dead receiver may take to come back. */
   rejoinWaitMs: number;
   helloTimeoutMs: number;
@@ -54,6 +58,8 @@ export const defaultServerLimits: ServerLimits = {
   stallMs: 3000,
   slowLagMaxBytes: 32 * 1024 * 1024,
   slowMovesMax: 2,
+  slowGraceMs: 2000,
+  slowRateFraction: 0.75,
   rejoinWaitMs: 10_000,
   helloTimeoutMs: 10_000,
   tickMs: 250,
@@ -100,6 +106,9 @@ interface Entry {
   error: string | null;
   moves: number;
   joins: number;
+  /** Said 'ready' (target open): may be put into the chain. */
+  ready: boolean;
+  routedAtMs: number;
 }
 
 export interface ReceiverStatus {
@@ -320,29 +329,16 @@ export class CloneServer {
     if (ctl.isClosed) return;
     const header = this.header;
     if (hello.targetBytes !== null && hello.targetBytes < header.sizeBytes) {
-      this.log(`${who}: target too small (${hello.targetBytes} < ${header.sizeBytes} bytes)`);
+      const reason = `target is ${hello.targetBytes} bytes, smaller than the source '${header.source}' (${header.sizeBytes} bytes)`;
+      this.log(`refused ${who}: ${reason}`);
+      const now = Date.now();
+      if (!existing)
+        this.entries.set(hello.name, { ...this.newEntry(hello.name, now), state: 'failed', error: reason });
+      this.checkFinished();
+      return refuse('target-too-small', reason);
     }
     const now = Date.now();
-    const e: Entry = existing ?? {
-      name: hello.name,
-      conn: null,
-      host: '',
-      dataPort: 0,
-      state: 'joined',
-      writtenBytes: 0,
-      rateBps: 0,
-      blocked: false,
-      forwardTo: null,
-      lastHeardAtMs: now,
-      lastAdvanceAtMs: now,
-      joinedAtMs: now,
-      finishedAtMs: null,
-      deadAtMs: null,
-      sha256: null,
-      error: null,
-      moves: 0,
-      joins: 0,
-    };
+    const e: Entry = existing ?? this.newEntry(hello.name, now);
     if (existing?.conn && existing.conn !== ctl) existing.conn.close('replaced by a new connection');
     e.conn = ctl;
     e.host = hello.dataHost ?? (sock.remoteAddress ?? '127.0.0.1').replace(/^::ffff:/, '');
@@ -362,14 +358,49 @@ export class CloneServer {
       header,
       serverMac: welcomeMac(this.o.secret, hello.clientNonce, this.o.session),
     } satisfies ToReceiver);
+    // Nobody routes to it until it says its target is ready (a resume may rehash for a while).
+    e.ready = false;
+    if (this.chain.includes(e.name)) this.setChain(without(this.chain, e.name));
     ctl.onMessage((m) => this.onMessage(e, ctl, m));
     ctl.onClose((reason) => this.onControlClosed(e, ctl, reason));
     this.log(`${existing ? 'rejoined' : 'joined'}: ${who}, data ${e.host}:${e.dataPort}`);
+  }
+
+  private onReady(e: Entry, writtenBytes: number): void {
+    e.ready = true;
+    e.writtenBytes = writtenBytes;
+    e.lastAdvanceAtMs = Date.now();
     if (this.state === 'streaming') {
       // A late or returning receiver goes to the end and catches up from what it holds.
-      e.state = 'streaming';
-      this.setChain([...without(this.chain, e.name), e.name]);
+      if (e.state === 'joined') e.state = 'streaming';
+      if (e.state === 'streaming' || e.state === 'verified')
+        this.setChain([...without(this.chain, e.name), e.name]);
     } else this.maybeStart(false);
+  }
+
+  private newEntry(name: string, now: number): Entry {
+    return {
+      name,
+      conn: null,
+      host: '',
+      dataPort: 0,
+      state: 'joined',
+      writtenBytes: 0,
+      rateBps: 0,
+      blocked: false,
+      forwardTo: null,
+      lastHeardAtMs: now,
+      lastAdvanceAtMs: now,
+      joinedAtMs: now,
+      finishedAtMs: null,
+      deadAtMs: null,
+      sha256: null,
+      error: null,
+      moves: 0,
+      joins: 0,
+      ready: false,
+      routedAtMs: now,
+    };
   }
 
   private onMessage(e: Entry, ctl: ControlConn<ToServer>, m: ToServer): void {
@@ -377,6 +408,9 @@ export class CloneServer {
     const now = Date.now();
     e.lastHeardAtMs = now;
     switch (m.t) {
+      case 'ready':
+        this.onReady(e, m.writtenBytes);
+        return;
       case 'progress':
         if (m.writtenBytes > e.writtenBytes || m.blocked) e.lastAdvanceAtMs = now;
         e.writtenBytes = m.writtenBytes;
@@ -451,6 +485,7 @@ export class CloneServer {
       if (down) {
         const d = this.entries.get(down)!;
         d.lastAdvanceAtMs = now;
+        d.routedAtMs = now;
         route = { to: down, host: d.host, port: d.dataPort, gen: ++this.gen };
       }
       if (up === serverName) this.forwarder?.setRoute(route);
@@ -462,7 +497,7 @@ export class CloneServer {
 
   private maybeStart(deadlinePassed: boolean): void {
     if (this.state !== 'waiting' || !this.header || !this.src) return;
-    const ready = [...this.entries.values()].filter((e) => e.state === 'joined' && e.conn);
+    const ready = [...this.entries.values()].filter((e) => e.state === 'joined' && e.conn && e.ready);
     const refused = [...this.entries.values()].filter((e) => e.state === 'failed').length;
     if (ready.length === 0 || (ready.length + refused < this.o.expect && !deadlinePassed)) return;
     if (ready.length < this.o.expect)
@@ -529,15 +564,21 @@ export class CloneServer {
     }
     const views = this.chain.map((n) => {
       const e = this.entries.get(n)!;
-      return { name: n, writtenBytes: e.writtenBytes, blocked: e.blocked, moves: e.moves };
+      return {
+        name: n,
+        writtenBytes: e.writtenBytes,
+        rateBps: e.state === 'streaming' ? e.rateBps : 0,
+        blocked: e.blocked,
+        moves: e.moves,
+        sinceRouteMs: now - e.routedAtMs,
+      };
     });
-    const slow = slowReceiver(
-      views,
-      this.forwarder?.sentBytes ?? 0,
-      size,
-      this.o.limits.slowLagMaxBytes,
-      this.o.limits.slowMovesMax,
-    );
+    const slow = slowReceiver(views, size, {
+      lagMaxBytes: this.o.limits.slowLagMaxBytes,
+      movesMax: this.o.limits.slowMovesMax,
+      graceMs: this.o.limits.slowGraceMs,
+      rateFraction: this.o.limits.slowRateFraction,
+    });
     if (slow) {
       const e = this.entries.get(slow)!;
       e.moves++;
