@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-npx tsc -p tsconfig.json
+bash scripts/build.sh
 exec node bin/corral.js demo "$@"

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "== typecheck"; npx tsc -p tsconfig.json --noEmit
+echo "== typecheck and build"; bash scripts/build.sh
 echo "== lint"; npx eslint . && npx prettier --check . >/dev/null
 echo "== tests"; node scripts/run-tests.mjs "$@"

@@ -17,7 +17,11 @@ import {
 
 const t0 = 1_000_000;
 
-function node(name: string, state: NodeState, o: Partial<NodeView> & { alive?: boolean } = {}): NodeView {
+function node(
+  name: string,
+  state: NodeState,
+  o: Partial<Omit<NodeView, 'alive'>> & { alive?: boolean } = {},
+): NodeView {
   const { alive, ...rest } = o;
   return {
     name,
