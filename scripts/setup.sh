@@ -11,6 +11,7 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v fence_dummy >/dev/null || [ -x /usr/sbin/fence_dummy ] || need+=(fence-agents)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v fping >/dev/null || need+=(fping)
+command -v nft >/dev/null || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
   apt-get update -qq

@@ -184,12 +184,28 @@ export class DiskHandle {
 
   private inflight: Promise<unknown> | undefined;
 
-  static async open(path: string, ioTimeoutMs: number = diskLimits.ioTimeoutMs): Promise<DiskHandle> {
+  /** the aligned buffer this handle uses: pass it to the next open() to skip the probe */
+  get alignedBuffer(): Buffer {
+    return this.buf;
+  }
+
+  static async open(
+    path: string,
+    ioTimeoutMs: number = diskLimits.ioTimeoutMs,
+    reuse?: Buffer,
+  ): Promise<DiskHandle> {
     const base = constants.O_RDWR | constants.O_DSYNC;
     const block = diskLimits.blockBytes;
     const arena = Buffer.from(new ArrayBuffer(3 * block));
     try {
       const fh = await fsp.open(path, base | constants.O_DIRECT);
+      if (reuse) {
+        const ok = await fh.read(reuse, 0, block, 0).then(
+          () => true,
+          () => false,
+        );
+        if (ok) return new DiskHandle(path, fh, true, reuse, ioTimeoutMs);
+      }
       for (let off = 0; off < block; off += diskLimits.alignProbeStepBytes) {
         const b = arena.subarray(off, off + block);
         try {
@@ -390,6 +406,9 @@ export interface DiskHeartbeatOptions {
 export class DiskHeartbeat implements NodeMonitor {
   readonly name = 'disk-heartbeat';
   private handle: DiskHandle | undefined;
+  /** a hung handle is kept (never reused) so that no second I/O piles up behind it */
+  private hung: DiskHandle | undefined;
+  private aligned: Buffer | undefined;
   private counter = 0;
   private ackSeq = 0;
   private ackAtMs = 0;
@@ -428,7 +447,8 @@ export class DiskHeartbeat implements NodeMonitor {
 
   private async openChecked(): Promise<void> {
     if (this.handle) return;
-    const h = await DiskHandle.open(this.o.path, this.o.ioTimeoutMs ?? diskLimits.ioTimeoutMs);
+    const h = await DiskHandle.open(this.o.path, this.o.ioTimeoutMs ?? diskLimits.ioTimeoutMs, this.aligned);
+    this.aligned = h.direct ? h.alignedBuffer : undefined;
     try {
       const header = await h.header();
       if (this.o.slot >= header.slotCount)
@@ -455,7 +475,10 @@ export class DiskHeartbeat implements NodeMonitor {
     const ctx = this.ctx!;
     const env = this.o.env;
     try {
-      if (this.handle?.hanging()) throw new DiskHeartbeatError(this.o.path, 'the previous I/O still hangs');
+      if (this.hung?.hanging()) throw new DiskHeartbeatError(this.o.path, 'an earlier I/O still hangs');
+      if (this.hung) await this.hung.close();
+      this.hung = undefined;
+      // opened every round: a device that went away (or was re-attached) is seen at once
       await this.openChecked();
       const h = this.handle!;
       const mail = await h.mailbox(this.o.slot);
@@ -470,14 +493,13 @@ export class DiskHeartbeat implements NodeMonitor {
         ackAtMs: this.ackAtMs,
       });
       this.lastOkMs = env.nowMs();
+      await h.close();
+      this.handle = undefined;
       if (this.lost) env.log('info', 'heartbeat disk reachable again');
       this.lost = false;
     } catch (e) {
-      if (!this.handle?.hanging()) {
-        // a fresh descriptor next time (a re-attached device gets a new one)
-        await this.handle?.close();
-        this.handle = undefined;
-      }
+      if (this.handle?.hanging()) this.hung = this.handle;
+      this.handle = undefined;
       const silentMs = env.nowMs() - this.lastOkMs;
       if (!this.lost && silentMs >= this.lossMs()) {
         this.lost = true;
@@ -505,8 +527,9 @@ export class DiskHeartbeat implements NodeMonitor {
     this.stopped = true;
     this.cancel?.();
     await this.ticking?.catch(() => undefined);
+    if (!this.hung && this.ctx) await this.openChecked().catch(() => undefined);
     const h = this.handle;
-    if (h && !h.hanging() && this.ctx) {
+    if (h && this.ctx) {
       await h
         .writeNodeSector(this.o.slot, {
           node: this.ctx.node,
