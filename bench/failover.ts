@@ -4,7 +4,9 @@
 // (-> every service answers elsewhere). Default timings and LAN tuning (lease TTL 1.5 s).
 // Usage: npx tsx bench/failover.ts [--runs 10] [--ks 1,10,50] [--ttls 4000,1500]
 import { request } from 'node:http';
+import { join } from 'node:path';
 import { TestCluster } from '../test/helpers/cluster.js';
+import { fenceLocal } from '../src/fence/local.js';
 
 const arg = (name: string, dflt: string) => {
   const i = process.argv.indexOf(name);
@@ -52,7 +54,6 @@ interface Row {
 }
 
 async function measure(ttl: number, k: number): Promise<Row> {
-  const margin = Math.round(ttl / 4);
   const c = new TestCluster({
     leaseTtlMs: ttl,
     nodes: [{ name: 'n1' }, { name: 'n2' }, { name: 'n3' }],
@@ -76,8 +77,9 @@ async function measure(ttl: number, k: number): Promise<Row> {
       );
       const evBefore = (await c.events()).length;
       const t0 = Date.now();
-      const crash = c.cli('node', 'crash', victim, '--state-root', c.stateRoot);
-      if (crash.code !== 0) throw new Error(crash.stderr);
+      // the crash: SIGKILL the node's agent, watchdog and every service, in this process
+      const crash = await fenceLocal(join(c.stateRoot, victim), 10000);
+      if (!crash.ok) throw new Error(`crash of ${victim} failed: ${crash.error}`);
       const pending = new Set(Array.from({ length: k }, (_, i) => basePort + i));
       while (pending.size > 0) {
         await Promise.all(
@@ -103,7 +105,6 @@ async function measure(ttl: number, k: number): Promise<Row> {
   } finally {
     await c.stop();
   }
-  void margin;
   return row;
 }
 
