@@ -121,26 +121,34 @@ describe('clone chain decisions', () => {
     });
     const rule = { lagMaxBytes: 32 * MiB, movesMax: 2, graceMs: 2000, rateFraction: 0.75 };
     const size = 100 * MiB;
-    // b lags a by 40 MiB and receives at a quarter of a's rate: b moves.
-    assert.equal(slowReceiver([v('a', 60, 100), v('b', 20, 25), v('c', 19, 25)], size, rule), 'b');
+    const best = 100 * MiB;
+    // b lags a by 40 MiB and receives at a quarter of the best rate: b moves.
+    assert.equal(slowReceiver([v('a', 60, 100), v('b', 20, 25), v('c', 19, 25)], size, best, rule), 'b');
+    // a may have finished (rate 0): b is still slow.
+    assert.equal(slowReceiver([v('a', 100, 0), v('b', 20, 25), v('c', 19, 25)], size, best, rule), 'b');
     // b is blocked by c: not b; c is last: nobody.
     assert.equal(
-      slowReceiver([v('a', 60, 100), v('b', 20, 25, { blocked: true }), v('c', 19, 25)], size, rule),
+      slowReceiver([v('a', 60, 100), v('b', 20, 25, { blocked: true }), v('c', 19, 25)], size, best, rule),
       null,
     );
-    // b just got a new upstream and catches up fast: not slow.
-    assert.equal(slowReceiver([v('a', 60, 100), v('b', 20, 300), v('c', 19, 25)], size, rule), null);
+    // b just got a new upstream, or catches up fast: not slow.
+    assert.equal(slowReceiver([v('a', 60, 100), v('b', 20, 300), v('c', 19, 25)], size, best, rule), null);
     assert.equal(
-      slowReceiver([v('a', 60, 100), v('b', 20, 25, { sinceRouteMs: 500 }), v('c', 19, 25)], size, rule),
+      slowReceiver(
+        [v('a', 60, 100), v('b', 20, 25, { sinceRouteMs: 500 }), v('c', 19, 25)],
+        size,
+        best,
+        rule,
+      ),
       null,
     );
     // b has been moved enough.
     assert.equal(
-      slowReceiver([v('a', 60, 100), v('b', 20, 25, { moves: 2 }), v('c', 19, 25)], size, rule),
+      slowReceiver([v('a', 60, 100), v('b', 20, 25, { moves: 2 }), v('c', 19, 25)], size, best, rule),
       null,
     );
     // The first receiver is never judged against the server.
-    assert.equal(slowReceiver([v('a', 2, 5), v('b', 1, 5), v('c', 1, 5)], size, rule), null);
+    assert.equal(slowReceiver([v('a', 2, 5), v('b', 1, 5), v('c', 1, 5)], size, best, rule), null);
   });
 });
 

@@ -33,7 +33,7 @@ export function moveToEnd(chain: readonly string[], name: string): string[] {
 export interface LagView {
   name: string;
   writtenBytes: number;
-  /** Receiving rate now, and its upstream's (0 when unknown or the upstream has finished). */
+  /** Receiving rate now. */
   rateBps: number;
   /** The receiver paused itself because its own downstream is slow (it is not the slow one). */
   blocked: boolean;
@@ -46,24 +46,33 @@ export interface SlowRule {
   lagMaxBytes: number;
   movesMax: number;
   graceMs: number;
-  /** Slow means receiving at less than this fraction of what its upstream receives. */
+  /** Slow means receiving at less than this fraction of the reference rate. */
   rateFraction: number;
 }
 
 /**
  * The receiver to move to the end of the chain, if any: the first one (from the head) that is more
- * than lagMaxBytes behind its upstream and receives clearly slower than it, is not last, is not
+ * than lagMaxBytes behind its upstream and receives clearly slower than the reference rate (the best
+ * rate seen in the session; a receiver catching up is fast, so it is never moved), is not last, is not
  * blocked by its own downstream, had its upstream for at least graceMs, and has not been moved
  * movesMax times already. The first receiver is never "slow" by this rule: TCP back-pressure makes
  * the server send exactly as fast as it takes.
  */
-export function slowReceiver(chain: readonly LagView[], sizeBytes: number, rule: SlowRule): string | null {
+export function slowReceiver(
+  chain: readonly LagView[],
+  sizeBytes: number,
+  referenceRateBps: number,
+  rule: SlowRule,
+): string | null {
   for (let i = 1; i < chain.length - 1; i++) {
     const r = chain[i]!;
     const up = chain[i - 1]!;
     if (r.writtenBytes >= sizeBytes || r.blocked || r.moves >= rule.movesMax) continue;
-    if (r.sinceRouteMs < rule.graceMs || up.rateBps <= 0) continue;
-    if (up.writtenBytes - r.writtenBytes > rule.lagMaxBytes && r.rateBps < up.rateBps * rule.rateFraction)
+    if (r.sinceRouteMs < rule.graceMs) continue;
+    if (
+      up.writtenBytes - r.writtenBytes > rule.lagMaxBytes &&
+      r.rateBps < referenceRateBps * rule.rateFraction
+    )
       return r.name;
   }
   return null;

@@ -58,7 +58,7 @@ export const defaultServerLimits: ServerLimits = {
   stallMs: 3000,
   slowLagMaxBytes: 32 * 1024 * 1024,
   slowMovesMax: 2,
-  slowGraceMs: 2000,
+  slowGraceMs: 4000,
   slowRateFraction: 0.75,
   rejoinWaitMs: 10_000,
   helloTimeoutMs: 10_000,
@@ -109,6 +109,8 @@ interface Entry {
   /** Said 'ready' (target open): may be put into the chain. */
   ready: boolean;
   routedAtMs: number;
+  /** Best receiving rate seen (the reference for "slow"). */
+  peakRateBps: number;
 }
 
 export interface ReceiverStatus {
@@ -400,6 +402,7 @@ export class CloneServer {
       joins: 0,
       ready: false,
       routedAtMs: now,
+      peakRateBps: 0,
     };
   }
 
@@ -415,6 +418,7 @@ export class CloneServer {
         if (m.writtenBytes > e.writtenBytes || m.blocked) e.lastAdvanceAtMs = now;
         e.writtenBytes = m.writtenBytes;
         e.rateBps = m.rateBps;
+        e.peakRateBps = Math.max(e.peakRateBps, m.rateBps);
         e.blocked = m.blocked;
         e.forwardTo = m.forwardTo;
         return;
@@ -573,7 +577,8 @@ export class CloneServer {
         sinceRouteMs: now - e.routedAtMs,
       };
     });
-    const slow = slowReceiver(views, size, {
+    const referenceRateBps = Math.max(0, ...[...this.entries.values()].map((e) => e.peakRateBps));
+    const slow = slowReceiver(views, size, referenceRateBps, {
       lagMaxBytes: this.o.limits.slowLagMaxBytes,
       movesMax: this.o.limits.slowMovesMax,
       graceMs: this.o.limits.slowGraceMs,
