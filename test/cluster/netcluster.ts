@@ -50,6 +50,10 @@ const echoService = join(repo, 'test', 'fixtures', 'services', 'http-echo.mjs');
 export const netLimits = {
   etcdStartTimeoutMs: 30_000,
   agentsOnlineTimeoutMs: 40_000,
+  /** restarts of an agent that exited while the cluster starts */
+  agentStartRetries: 5,
+  /** how long an observer call through the store is retried */
+  observeRetryMs: 30_000,
   cmdTimeoutMs: 10_000,
   /** a witness gap longer than this counts as a copy having stopped */
   witnessSlackMs: 0,
@@ -287,7 +291,22 @@ export class NetCluster {
         200,
         false,
       );
-      for (const h of this.hosts) this.startAgent(h.name);
+      // an agent that cannot open the store at once exits (as under systemd, it is restarted):
+      // on 2 loaded cores 5 members + 5 agents starting together often miss the first second
+      let starting = true;
+      const restartsLeft = new Map<string, number>(
+        this.hosts.map((h) => [h.name, netLimits.agentStartRetries]),
+      );
+      const keepUp = (name: string) =>
+        this.startAgent(name).once('exit', () => {
+          const left = restartsLeft.get(name) ?? 0;
+          if (!starting || this.destroyed || left <= 0) return;
+          restartsLeft.set(name, left - 1);
+          setTimeout(() => {
+            if (starting && !this.destroyed) keepUp(name);
+          }, 1000);
+        });
+      for (const h of this.hosts) keepUp(h.name);
       await this.waitFor(
         'all hosts online',
         async () => {
@@ -297,7 +316,7 @@ export class NetCluster {
           );
         },
         netLimits.agentsOnlineTimeoutMs,
-      );
+      ).finally(() => (starting = false));
     }
   }
 
@@ -546,12 +565,31 @@ export class NetCluster {
 
   // ------------------------------------------------------------------ observing
 
+  /**
+   * An observer call through the store, retried for a while: on a loaded machine (or while
+   * a test itself breaks etcd quorum) a single call can time out without the test being wrong.
+   */
+  async observe<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    const t0 = Date.now();
+    for (;;) {
+      try {
+        return await fn();
+      } catch (e) {
+        if (Date.now() - t0 > netLimits.observeRetryMs)
+          throw new Error(`${what}: the store did not answer for ${netLimits.observeRetryMs} ms`, {
+            cause: e,
+          });
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
+  }
+
   snapshot(): Promise<Snapshot> {
-    return loadSnapshot(this.store, 'mh');
+    return this.observe('snapshot', () => loadSnapshot(this.store, 'mh'));
   }
 
   async events(): Promise<ClusterEvent[]> {
-    const r = await this.store.range(this.k.events);
+    const r = await this.observe('events', () => this.store.range(this.k.events));
     return r.kvs.map((kv) => JSON.parse(kv.value) as ClusterEvent);
   }
 
@@ -631,7 +669,7 @@ export class NetCluster {
       memory: 64,
       ...extra,
     } satisfies ResourceSpecInput);
-    await this.store.put(this.k.resource(id), JSON.stringify(spec));
+    await this.observe(`define ${id}`, () => this.store.put(this.k.resource(id), JSON.stringify(spec)));
   }
 
   /** every pair of copies of one resource that ran at the same time (must be none) */
