@@ -540,6 +540,14 @@ function moveAway(
   const spec = r.spec;
   const node = rec.node as string;
   if (spec && liveMigratable(spec)) {
+    // a drain sends a bounded number of guests at once; the rest wait for a slot
+    let leaving = 0;
+    for (const o of view.resources.values())
+      if (o.id !== r.id && o.rec?.migration && o.rec.migration.source === node) leaving++;
+    if (leaving >= liveMigrationsPerNodeMax) {
+      const reason = `${why}: waiting for a migration slot (at most ${liveMigrationsPerNodeMax} leave ${node} at once)`;
+      return rec.reason === reason ? [] : write({ reason });
+    }
     const p = target
       ? { ok: true as const, node: target, why }
       : place(view, spec, used, { avoid: new Set([node]) });
@@ -572,6 +580,8 @@ function moveAway(
 }
 
 export const migrationTimeoutMsDefault = 300_000;
+/** live migrations leaving one node at once (node drain, maintenance, moves) */
+export const liveMigrationsPerNodeMax = 3;
 
 /**
  * The two-phase hand-over: the target prepares an incoming copy at targetEpoch, the source
