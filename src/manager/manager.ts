@@ -106,6 +106,13 @@ export class Manager {
       this.lastLeaseId = lease;
       this.leaderModRevision = 0;
     }
+    // Followers only need to know that someone else leads: one get, not a full snapshot (with N
+    // agents, N full reads every tick and on every store change made the store load quadratic).
+    const leaderKv = await this.o.store.get(this.k.leader);
+    if (leaderKv && leaderKv.lease !== lease) {
+      this.leaderModRevision = 0;
+      return;
+    }
     const snap = await loadSnapshot(this.o.store, this.o.cluster);
     if (!this.checkLeadership(snap, lease)) {
       await this.campaign(snap, lease);
