@@ -12,6 +12,8 @@ command -v fence_dummy >/dev/null || [ -x /usr/sbin/fence_dummy ] || need+=(fenc
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v fping >/dev/null || need+=(fping)
 command -v nft >/dev/null || need+=(nftables)
+command -v chromium >/dev/null || need+=(chromium)
+command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || need+=(rabbitmq-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
   apt-get update -qq

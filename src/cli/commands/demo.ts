@@ -18,6 +18,10 @@ import type { ResourceSpecInput } from '../../core/spec.js';
 import { ResourceSpec } from '../../core/spec.js';
 import { renderEvent } from './status.js';
 import type { ClusterEvent } from '../../core/types.js';
+import type { Store } from '../../store/types.js';
+import type { ClusterConfig } from '../../config/schema.js';
+import { clientFileFor, startApi } from '../../api/server.js';
+import { createToken } from '../../api/auth.js';
 
 const services = [
   { id: 'web', port: 18081, priority: 10 },
@@ -37,10 +41,16 @@ export function registerDemo(program: Command): void {
     )
     .option('--lease-ttl-ms <ms>', 'lease TTL of the demo cluster', '4000')
     .option('--exit-after-ms <ms>', 'stop by itself after this long (for scripted runs)')
+    .option('--api-port <port>', 'port of the API and dashboard (0: any free port)', '7440')
     .action(action(runDemo));
 }
 
-async function runDemo(opts: { dir: string; leaseTtlMs: string; exitAfterMs?: string }): Promise<number> {
+async function runDemo(opts: {
+  dir: string;
+  leaseTtlMs: string;
+  exitAfterMs?: string;
+  apiPort: string;
+}): Promise<number> {
   const dir = resolve(opts.dir);
   const stateRoot = join(dir, 'state');
   const configPath = join(dir, 'cluster.yaml');
@@ -111,6 +121,7 @@ ${[1, 2, 3]
     };
     await store.put(k.resource(s.id), JSON.stringify(ResourceSpec.parse(input)));
   }
+  const api = await startDemoApi(store, config, configPath, stateRoot, opts.apiPort);
   const cli = `corral`;
   process.stdout.write(`
 Corral demo: 3 nodes (node1..node3) on this machine, store ${config.store}
@@ -126,6 +137,8 @@ Try, in another terminal (\`${cli}\` is \`node ${corralBin}\`; the CLI finds thi
   ${cli} resource move web node3    move a service
   ${cli} node maintenance on node1  drain node1
   ${cli} events --follow            the live event log
+Dashboard and API: ${api.url}/   admin token: ${api.token}
+  (written to ${clientFileFor(configPath)}; the CLI uses it by itself; OpenAPI at ${api.url}/api/v1/openapi.json)
 Config: ${configPath}   Agent logs: ${stateRoot}/<node>/agent.log
 Ctrl-C stops everything.
 
@@ -151,6 +164,8 @@ live events:
   });
   process.stdout.write('\nstopping the demo: every agent and service...\n');
   await w.cancel();
+  await api.close();
+  rmSync(clientFileFor(configPath), { force: true });
   await store.close();
   await killAll(configPath, stateRoot, log);
   rmSync(currentConfigPointer(), { force: true });
@@ -182,4 +197,39 @@ async function killAll(
         log('warn', `could not stop ${n.name}`, { attempts: out.attempts });
     }),
   );
+}
+
+/** The demo's API and dashboard, with an admin token written beside the config for the CLI. */
+async function startDemoApi(
+  store: Store,
+  config: ClusterConfig,
+  configPath: string,
+  stateRoot: string,
+  portOpt: string,
+): Promise<{ url: string; token: string; close: () => Promise<void> }> {
+  const port = Number(portOpt);
+  if (!Number.isInteger(port) || port < 0 || port > 65535)
+    throw new Error(`--api-port ${portOpt}: expected a port number 0-65535`);
+  const { token } = await createToken(store, config.cluster.name, 'demo-admin', 'admin', Date.now());
+  const quiet = (level: string, msg: string) => {
+    if (level === 'error') process.stderr.write(`api: ${msg}\n`);
+  };
+  let server;
+  try {
+    server = await startApi({
+      store,
+      config,
+      configPath,
+      stateRoot,
+      listen: `127.0.0.1:${port}`,
+      log: quiet,
+    });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE') throw err;
+    server = await startApi({ store, config, configPath, stateRoot, listen: '127.0.0.1:0', log: quiet });
+  }
+  writeFileSync(clientFileFor(configPath), JSON.stringify({ url: server.url, token }) + '\n', {
+    mode: 0o600,
+  });
+  return { url: server.url, token, close: () => server.close() };
 }
