@@ -307,7 +307,7 @@ describe('REST API', { timeout: 60_000 }, () => {
   });
 
   it('serves the OpenAPI document from the same schemas, the dashboard and /metrics', async () => {
-    let r = await call('GET', '/api/v1/openapi.json');
+    const r = await call('GET', '/api/v1/openapi.json');
     assert.equal(r.json.openapi, '3.1.0');
     const paths = r.json.paths as Record<
       string,
