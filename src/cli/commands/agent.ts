@@ -13,11 +13,36 @@ import { CompositeDriver } from '../../drivers/composite.js';
 import { createFencer, writeAgentPidfile } from '../../fence/index.js';
 import { startWatchdog } from '../../agent/watchdog.js';
 import { Agent } from '../../agent/agent.js';
-import type { NodeMonitor, Watchdog } from '../../env/types.js';
+import type { Env, NodeMonitor, Watchdog } from '../../env/types.js';
+import type { Store } from '../../store/types.js';
 import { DiskHeartbeat } from '../../health/diskhb.js';
 import { Reachability } from '../../health/reachability.js';
 
 export const defaultStateRoot = '/var/lib/corral';
+
+/** how long a starting agent keeps trying a store that does not answer yet (a member electing, a loaded host) */
+const storeOpenRetryMaxMs = 60_000;
+const storeOpenBackoffMs = 500;
+
+/**
+ * Open the store, retrying while it does not answer: an agent started while etcd elects a
+ * leader (or on a loaded host) used to exit, and with the gRPC client still open it did not
+ * even exit, leaving a process that never joined.
+ */
+async function openStoreRetrying(url: string, opTimeoutMs: number, env: Env): Promise<Store> {
+  const t0 = Date.now();
+  for (;;) {
+    try {
+      return await openStore(url, { opTimeoutMs });
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      const transient = code === 'CORRAL_STORE_UNAVAILABLE' || code === 'CORRAL_STORE_TIMEOUT';
+      if (!transient || Date.now() - t0 > storeOpenRetryMaxMs) throw e;
+      env.log('warn', 'store not answering yet; retrying', { error: (e as Error).message });
+      await env.sleep(storeOpenBackoffMs);
+    }
+  }
+}
 
 /** The state directory of a node: <root>/<node> (pidfiles, logs, watchdog socket). */
 export function nodeStateDir(stateRoot: string, node: string): string {
@@ -64,7 +89,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
   mkdirSync(stateDir, { recursive: true });
   const env = nodeEnv({ name: me.name, level: opts.logLevel });
   const t = config.timings;
-  const store = await openStore(config.store, { opTimeoutMs: Math.max(500, t.renewIntervalMs) });
+  const store = await openStoreRetrying(config.store, Math.max(500, t.renewIntervalMs), env);
   const driver = new CompositeDriver({
     process: new ProcessDriver({ node: me.name, stateDir, env }),
     vm: new QemuDriver({ node: me.name, address: me.address, stateDir, env }),
