@@ -11,6 +11,7 @@
 //
 // Parsing is pure (errors name file:line); reading a disk and applying a layout use sfdisk.
 import { execFile } from 'node:child_process';
+import { stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { z } from 'zod';
 import { CloneError } from './clone/errors.js';
@@ -93,6 +94,8 @@ export function parseDesc(text: string, file = 'desc'): Desc {
     partitions.push({ line, logical, typeHex, sizeMiB });
   });
   errors.push(...checkDesc({ partitions }, file));
+  const lineOf = (e: string) => Number(/:(\d+):/.exec(e)?.[1] ?? 0);
+  errors.sort((a, b) => lineOf(a) - lineOf(b));
   if (errors.length > 0) throw new DescError(file, `${errors.length} error(s):\n  ${errors.join('\n  ')}`);
   return { partitions };
 }
@@ -262,6 +265,10 @@ export async function applyDesc(dev: string, d: Desc, diskBytes: number): Promis
       'use a larger disk or smaller fixed sizes in the desc',
     );
   await sfdiskWithInput(dev, sfdiskScript(d));
+  // Make the kernel (re)read the new table so DEV1, DEV2... exist (sfdisk's own re-read is not
+  // always honoured, e.g. in containers); image files have no kernel view.
+  const st = await stat(dev);
+  if (st.isBlockDevice()) await run('partx', ['-u', dev], { timeout: 30_000 }).catch(() => undefined);
   return readSfdiskJson(dev);
 }
 

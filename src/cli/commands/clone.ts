@@ -2,12 +2,19 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import type { Command } from 'commander';
-import { CloneError, CloneUnreachableError } from '../../provision/clone/errors.js';
+import { CloneUnreachableError } from '../../provision/clone/errors.js';
 import { limits as protocolLimits, newSecret } from '../../provision/clone/protocol.js';
 import { defaultReceiverLimits, runReceiver } from '../../provision/clone/receiver.js';
 import { defaultServerLimits, runServer, type ServerStatus } from '../../provision/clone/server.js';
 import { fmtBytes, fmtRate } from '../../provision/clone/progress.js';
-import { descFromSfdiskJson, formatDesc, readSfdiskJson } from '../../provision/desc.js';
+import {
+  applyDesc,
+  descFromSfdiskJson,
+  formatDesc,
+  parseDesc,
+  readSfdiskJson,
+} from '../../provision/desc.js';
+import { volumeInfo } from '../../provision/clone/volume.js';
 import { UsageError, action, exitCodes, printError } from '../program.js';
 
 export const defaultClonePort = 7707;
@@ -288,17 +295,34 @@ export function registerClone(program: Command): void {
 
   clone
     .command('desc')
-    .description('write the KA partition description of a disk (from sfdisk --json)')
+    .description('write the KA partition description of a disk (from sfdisk --json), or apply one to a disk')
     .argument('<dev>', 'disk device or image file')
-    .option('--output <file>', 'write to this file instead of stdout')
+    .option('--output <file>', 'write the description to this file instead of stdout')
+    .option('--apply <descfile>', "write this description's layout to <dev> (fill scaled to its size)")
+    .option('--yes', 'confirm --apply (it replaces the partition table of <dev>)')
     .action(
-      cloneAction(async (dev: string, o: { output?: string }) => {
+      cloneAction(async (dev: string, o: { output?: string; apply?: string; yes?: boolean }) => {
+        if (o.apply) {
+          if (!o.yes)
+            throw new UsageError(`--apply replaces the partition table of ${dev}`, 'add --yes to confirm');
+          let text: string;
+          try {
+            text = await readFile(o.apply, 'utf8');
+          } catch (err) {
+            throw new UsageError(`--apply ${o.apply}: ${(err as Error).message}`);
+          }
+          const desc = parseDesc(text, o.apply);
+          const info = await volumeInfo(dev);
+          if (info.sizeBytes === null) throw new UsageError(`${dev}: does not exist`);
+          const table = await applyDesc(dev, desc, info.sizeBytes);
+          process.stdout.write(formatDesc(descFromSfdiskJson(table, dev, info.sizeBytes)));
+          return;
+        }
         const table = await readSfdiskJson(dev);
-        const text = formatDesc(descFromSfdiskJson(table, dev));
+        const diskBytes = (await volumeInfo(dev)).sizeBytes ?? undefined;
+        const text = formatDesc(descFromSfdiskJson(table, dev, diskBytes));
         if (o.output) await writeFile(o.output, text);
         else process.stdout.write(text);
       }),
     );
 }
-
-export { CloneError };
