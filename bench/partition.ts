@@ -39,6 +39,7 @@ async function runKind(kind: Kind): Promise<{ times: number[]; doubles: number }
   const times: number[] = [];
   try {
     await c.start();
+    await online(c, c.hosts[0]!.name);
     for (let n = 0; n < runs; n++) {
       const leader = (await c.snapshot()).leader?.node;
       const victim = c.hosts.filter((h) => h.name !== leader)[n % 2]!;

@@ -10,7 +10,7 @@ import { DiskHandle, formatDisk, readDisk, slotBytes } from '../src/health/diskh
 import { fenceSbd } from '../src/fence/sbd.js';
 
 const skip = netnsMissing();
-const scenarioTimeoutMs = 120_000;
+const scenarioTimeoutMs = 180_000;
 
 async function settle(c: NetCluster, id: string, port: number, node: string): Promise<number> {
   await c.defineService(id, port, { preferredNode: node });

@@ -10,7 +10,7 @@ import { NetCluster, netnsMissing } from './cluster/netcluster.js';
 const skip = netnsMissing();
 const all = process.env.CORRAL_MULTIHOST_ALL === '1';
 /** bound on one scenario, setup and teardown included */
-const scenarioTimeoutMs = 120_000;
+const scenarioTimeoutMs = 180_000;
 
 async function withCluster(
   opts: ConstructorParameters<typeof NetCluster>[0],
@@ -48,6 +48,8 @@ function scenario(name: string, ci: boolean, fn: () => Promise<void>): void {
   test(name, { timeout: scenarioTimeoutMs }, async (t) => {
     if (skip) return t.skip(skip);
     if (!ci && !all) return t.skip('set CORRAL_MULTIHOST_ALL=1 to run this scenario');
+    const only = process.env.CORRAL_MULTIHOST_ONLY;
+    if (only && !name.includes(only)) return t.skip(`CORRAL_MULTIHOST_ONLY=${only}`);
     await fn();
   });
 }

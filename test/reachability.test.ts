@@ -13,7 +13,7 @@ test('the TCP probe: a refusal proves reachability, a black hole does not', asyn
 
 test(
   'reachability loss on one host: isolated, its service moves away without fencing',
-  { timeout: 120_000 },
+  { timeout: 180_000 },
   async (t) => {
     if (skip) return t.skip(skip);
     const c = new NetCluster({ hosts: 3, reachability: true });

@@ -49,7 +49,7 @@ const echoService = join(repo, 'test', 'fixtures', 'services', 'http-echo.mjs');
 
 export const netLimits = {
   etcdStartTimeoutMs: 30_000,
-  agentsOnlineTimeoutMs: 40_000,
+  agentsOnlineTimeoutMs: 90_000,
   /** restarts of an agent that exited while the cluster starts */
   agentStartRetries: 5,
   /** how long an observer call through the store is retried */
