@@ -1,34 +1,27 @@
 // `corral resource ...`: define, list, show, start, stop, move, cleanup, undefine.
 import type { Command } from 'commander';
 import { action, UsageError } from '../program.js';
-import { addConfigOption, withCluster, type ClusterContext, type GlobalOpts } from '../context.js';
+import { addConfigOption, type ClusterContext } from '../context.js';
+import { addClientOptions, withClient, type ClientOpts } from '../client.js';
 import { loadResources } from '../../config/resources.js';
-import { ResourceSpec, resourceIdPattern } from '../../core/spec.js';
-import { readStatus } from '../status.js';
+import { resourceIdPattern } from '../../core/spec.js';
 import { ago, printJson, table } from '../table.js';
 import type { ClusterEvent, ResourceRecord } from '../../core/types.js';
-import { CorralError } from '../../core/errors.js';
 
 export function registerResource(program: Command): void {
   const res = program.command('resource').description('define and operate resources (services)');
-  const cmd = (name: string, desc: string) => addConfigOption(res.command(name).description(desc));
+  const cmd = (name: string, desc: string) =>
+    addClientOptions(addConfigOption(res.command(name).description(desc)));
 
   cmd('define', 'create or update resources from a YAML file (one resource or `resources: [...]`)')
     .requiredOption('-f, --file <file>', 'resource definition file')
     .action(
-      action((opts: GlobalOpts & { file: string }) => {
+      action((opts: ClientOpts & { file: string }) => {
         const specs = loadResources(opts.file); // validate before touching the cluster
-        return withCluster(opts, async (c) => {
+        return withClient(opts, async (c) => {
           for (const s of specs) {
-            const existed = await c.store.get(c.k.resource(s.id));
-            await c.store.put(c.k.resource(s.id), JSON.stringify(s));
-            await operatorEvent(
-              c,
-              s.id,
-              existed ? 'updated' : 'defined',
-              `${s.id}: ${existed ? 'updated' : 'defined'} from ${opts.file}`,
-            );
-            process.stdout.write(`${s.id}: ${existed ? 'updated' : 'defined'}\n`);
+            const verb = await c.define(s, opts.file);
+            process.stdout.write(`${s.id}: ${verb}\n`);
           }
           return 0;
         });
@@ -38,9 +31,9 @@ export function registerResource(program: Command): void {
   cmd('list', 'every resource with its state, node and reason')
     .option('--json', 'machine-readable output')
     .action(
-      action((opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          const s = await readStatus(c.store, c.config.cluster.name, c.k, [], 0);
+      action((opts: ClientOpts) =>
+        withClient(opts, async (c) => {
+          const s = await c.status(0);
           if (opts.json) printJson(s.resources);
           else
             process.stdout.write(
@@ -67,20 +60,13 @@ export function registerResource(program: Command): void {
     .argument('<id>')
     .option('--json', 'machine-readable output')
     .action(
-      action((id: string, opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          const spec = await getSpec(c, id);
-          const recKv = await c.store.get(c.k.assign(id));
-          const rec = recKv ? (JSON.parse(recKv.value) as ResourceRecord) : undefined;
-          const statuses = await c.store.range(c.k.statuses);
-          const observed = statuses.kvs
-            .filter((kv) => kv.key.endsWith(`/${id}`))
-            .map((kv) => ({
-              node: kv.key.slice(c.k.statuses.length).split('/')[0],
-              ...JSON.parse(kv.value),
-            }));
-          const out = { spec, record: rec ?? null, observed };
-          if (opts.json) printJson(out);
+      action((id: string, opts: ClientOpts) =>
+        withClient(opts, async (c) => {
+          checkId(id);
+          const d = await c.resource(id);
+          const spec = d.spec;
+          const rec = d.record as ResourceRecord | null;
+          if (opts.json) printJson({ spec, record: rec, observed: d.observed });
           else {
             process.stdout.write(`resource ${id}\n`);
             process.stdout.write(
@@ -96,7 +82,7 @@ export function registerResource(program: Command): void {
               for (const f of rec.failures)
                 process.stdout.write(`    ${new Date(f.atMs).toISOString()} on ${f.node}: ${f.reason}\n`);
             }
-            for (const o of observed)
+            for (const o of d.observed)
               process.stdout.write(`  agent@${o.node}: ${o.state} at epoch ${o.epoch} (${o.reason})\n`);
           }
           return 0;
@@ -105,15 +91,10 @@ export function registerResource(program: Command): void {
     );
 
   const setDesired = (desired: 'started' | 'stopped') =>
-    action((id: string, opts: GlobalOpts) =>
-      withCluster(opts, async (c) => {
-        await updateSpec(c, id, (s) => ({ ...s, desired }));
-        await operatorEvent(
-          c,
-          id,
-          desired === 'started' ? 'start' : 'stop',
-          `${id}: ${desired === 'started' ? 'start' : 'stop'} requested`,
-        );
+    action((id: string, opts: ClientOpts) =>
+      withClient(opts, async (c) => {
+        checkId(id);
+        await c.setDesired(id, desired);
         process.stdout.write(`${id}: desired ${desired}\n`);
         return 0;
       }),
@@ -128,26 +109,11 @@ export function registerResource(program: Command): void {
     .argument('[node]')
     .option('--clear', 'forget the preferred node')
     .action(
-      action((id: string, node: string | undefined, opts: GlobalOpts & { clear?: boolean }) =>
-        withCluster(opts, async (c) => {
+      action((id: string, node: string | undefined, opts: ClientOpts & { clear?: boolean }) =>
+        withClient(opts, async (c) => {
           if (!opts.clear && !node) throw new UsageError('resource move needs a NODE (or --clear)');
-          if (node && !c.config.nodes.some((n) => n.name === node))
-            throw new UsageError(
-              `node "${node}" is not in the cluster`,
-              `known nodes: ${c.config.nodes.map((n) => n.name).join(', ')}`,
-            );
-          await updateSpec(c, id, (s) => {
-            const next = { ...s };
-            if (opts.clear) delete next.preferredNode;
-            else next.preferredNode = node;
-            return next;
-          });
-          await operatorEvent(
-            c,
-            id,
-            'move',
-            opts.clear ? `${id}: preferred node cleared` : `${id}: move to ${node} requested`,
-          );
+          checkId(id);
+          await c.move(id, opts.clear ? null : (node ?? null));
           process.stdout.write(opts.clear ? `${id}: preferred node cleared\n` : `${id}: moving to ${node}\n`);
           return 0;
         }),
@@ -157,11 +123,10 @@ export function registerResource(program: Command): void {
   cmd('cleanup', "clear a resource's failure count at once (a failed resource is tried again)")
     .argument('<id>')
     .action(
-      action((id: string, opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          await getSpec(c, id);
-          await c.store.put(c.k.cleanup(id), JSON.stringify({ atMs: Date.now() }));
-          await operatorEvent(c, id, 'cleanup', `${id}: failure count cleared`);
+      action((id: string, opts: ClientOpts) =>
+        withClient(opts, async (c) => {
+          checkId(id);
+          await c.cleanup(id);
           process.stdout.write(`${id}: failures cleared\n`);
           return 0;
         }),
@@ -171,11 +136,10 @@ export function registerResource(program: Command): void {
   cmd('undefine', 'stop a resource and forget it')
     .argument('<id>')
     .action(
-      action((id: string, opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          await getSpec(c, id);
-          await c.store.delete(c.k.resource(id));
-          await operatorEvent(c, id, 'undefined', `${id}: undefined`);
+      action((id: string, opts: ClientOpts) =>
+        withClient(opts, async (c) => {
+          checkId(id);
+          await c.undefine(id);
           process.stdout.write(`${id}: undefined (stopping)\n`);
           return 0;
         }),
@@ -189,33 +153,6 @@ function checkId(id: string): void {
       `"${id}" is not a resource id`,
       'ids are lowercase letters, digits, ".", "_" or "-"',
     );
-}
-
-async function getSpec(c: ClusterContext, id: string): Promise<ResourceSpec> {
-  checkId(id);
-  const kv = await c.store.get(c.k.resource(id));
-  if (!kv) throw new CorralError('CORRAL_NOT_FOUND', `no resource "${id}"`, 'see `corral resource list`');
-  return ResourceSpec.parse(JSON.parse(kv.value));
-}
-
-/** Read-modify-write with a compare on the spec's revision, retried on a race. */
-async function updateSpec(
-  c: ClusterContext,
-  id: string,
-  f: (s: ResourceSpec) => ResourceSpec,
-): Promise<void> {
-  checkId(id);
-  for (let attempt = 0; attempt < 10; attempt++) {
-    const kv = await c.store.get(c.k.resource(id));
-    if (!kv) throw new CorralError('CORRAL_NOT_FOUND', `no resource "${id}"`, 'see `corral resource list`');
-    const next = f(ResourceSpec.parse(JSON.parse(kv.value)));
-    const r = await c.store.txn({
-      compare: [{ key: kv.key, target: 'modRevision', op: '==', value: kv.modRevision }],
-      success: [{ type: 'put', key: kv.key, value: JSON.stringify(next) }],
-    });
-    if (r.succeeded) return;
-  }
-  throw new CorralError('CORRAL_CONFLICT', `resource "${id}" keeps changing under us`, 'try again');
 }
 
 let seq = 0;

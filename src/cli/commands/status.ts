@@ -1,26 +1,24 @@
 // `corral status` and `corral events`.
 import type { Command } from 'commander';
 import { action } from '../program.js';
-import { addConfigOption, withCluster, type GlobalOpts } from '../context.js';
-import { readStatus, readEvents, type StatusData } from '../status.js';
+import { addConfigOption, withCluster } from '../context.js';
+import { addClientOptions, withClient, type ClientOpts } from '../client.js';
+import { readEvents, type StatusData } from '../status.js';
 import { ago, clock, printJson, table } from '../table.js';
 import type { ClusterEvent } from '../../core/types.js';
 
 export function registerStatus(program: Command): void {
-  addConfigOption(
-    program
-      .command('status')
-      .description('cluster, nodes, resources, leader and last events on one screen')
-      .option('--json', 'machine-readable output'),
+  addClientOptions(
+    addConfigOption(
+      program
+        .command('status')
+        .description('cluster, nodes, resources, leader and last events on one screen')
+        .option('--json', 'machine-readable output'),
+    ),
   ).action(
-    action((opts: GlobalOpts) =>
-      withCluster(opts, async (c) => {
-        const s = await readStatus(
-          c.store,
-          c.config.cluster.name,
-          c.k,
-          c.config.nodes.map((n) => n.name),
-        );
+    action((opts: ClientOpts) =>
+      withClient(opts, async (c) => {
+        const s = await c.status();
         if (opts.json) printJson(s);
         else process.stdout.write(renderStatus(s) + '\n');
         return 0;
@@ -35,16 +33,21 @@ export function registerStatus(program: Command): void {
       .option('-n, --limit <n>', 'how many of the latest events', '50')
       .option('-f, --follow', 'keep printing new events as they happen (Ctrl-C to stop)')
       .option('--json', 'one JSON object per line'),
-  ).action(
-    action((opts: GlobalOpts & { limit: string; follow?: boolean }) =>
-      withCluster(opts, async (c) => {
-        const limit = Number(opts.limit);
-        if (!Number.isInteger(limit) || limit < 1)
-          throw new Error(`--limit ${opts.limit}: expected a positive integer`);
-        const print = (e: ClusterEvent) =>
-          process.stdout.write((opts.json ? JSON.stringify(e) : renderEvent(e)) + '\n');
+  );
+  addClientOptions(program.commands.find((c) => c.name() === 'events')!).action(
+    action(async (opts: ClientOpts & { limit: string; follow?: boolean }) => {
+      const limit = Number(opts.limit);
+      if (!Number.isInteger(limit) || limit < 1)
+        throw new Error(`--limit ${opts.limit}: expected a positive integer`);
+      const print = (e: ClusterEvent) =>
+        process.stdout.write((opts.json ? JSON.stringify(e) : renderEvent(e)) + '\n');
+      if (!opts.follow)
+        return withClient(opts, async (c) => {
+          for (const e of await c.events(limit)) print(e);
+          return 0;
+        });
+      return withCluster(opts, async (c) => {
         for (const e of await readEvents(c.store, c.k, limit)) print(e);
-        if (!opts.follow) return 0;
         const rev = await c.store.revision();
         await new Promise<void>((resolve, reject) => {
           void c.store
@@ -69,8 +72,8 @@ export function registerStatus(program: Command): void {
             }, reject);
         });
         return 0;
-      }),
-    ),
+      });
+    }),
   );
 }
 
