@@ -83,7 +83,7 @@ export class TestCluster {
       return this.o.nodes.every(
         (n) => s.nodes.get(n.name)?.status?.state === 'online' && s.nodes.get(n.name)?.alive?.ready,
       );
-    });
+    }, 60000);
   }
 
   startAgent(node: string): ChildProcess {
