@@ -78,12 +78,16 @@ export class TestCluster {
   async start(): Promise<void> {
     for (const n of this.o.nodes) this.startAgent(n.name);
     this.store = await openStore(`sqlite:${join(this.dir, 'store.db')}`);
-    await this.waitFor('all nodes online', async () => {
-      const s = await this.snapshot();
-      return this.o.nodes.every(
-        (n) => s.nodes.get(n.name)?.status?.state === 'online' && s.nodes.get(n.name)?.alive?.ready,
-      );
-    }, 60000);
+    await this.waitFor(
+      'all nodes online',
+      async () => {
+        const s = await this.snapshot();
+        return this.o.nodes.every(
+          (n) => s.nodes.get(n.name)?.status?.state === 'online' && s.nodes.get(n.name)?.alive?.ready,
+        );
+      },
+      60000,
+    );
   }
 
   startAgent(node: string): ChildProcess {
