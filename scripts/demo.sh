@@ -2,6 +2,6 @@
 # README's demo command: install what is needed, build, and run `corral demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 bash scripts/build.sh
 exec node bin/corral.js demo "$@"

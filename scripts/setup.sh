@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Installs what Corral needs on a fresh Debian machine: Debian packages (when missing)
 # and the npm packages (better-sqlite3 builds from source here: about two minutes).
+#   setup.sh        everything the test suite needs
+#   setup.sh demo   only what `corral demo` needs (npm packages; the demo uses the embedded store)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile="${1:-all}"
 need=()
+if [ "$profile" != demo ]; then
 command -v etcd >/dev/null || need+=(etcd-server etcd-client)
 command -v ip >/dev/null || need+=(iproute2)
 command -v sfdisk >/dev/null || need+=(fdisk)
@@ -14,6 +18,7 @@ command -v fping >/dev/null || need+=(fping)
 command -v nft >/dev/null || need+=(nftables)
 command -v chromium >/dev/null || need+=(chromium)
 command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || need+=(rabbitmq-server)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
   apt-get update -qq
