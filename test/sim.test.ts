@@ -92,6 +92,25 @@ describe('sim invariant checker', () => {
     assert.match(w.violations[0]?.state ?? '', /node node1: power=on/);
   });
 
+  it(
+    'catches a recovery before fencing (the node was only powered off, nobody fenced it)',
+    { timeout: 10_000 },
+    async () => {
+      const scn = parseScenarioText(
+        'node node1\nnode node2\nresource web prefer=node1\nat 3s power node1 off\nend 10s',
+        'early',
+      );
+      const w = new World(scn);
+      w.setup();
+      await w.run({ untilMs: 4000 });
+      assert.equal(w.violations.length, 0);
+      const n2 = w.nodes.get('node2');
+      assert.ok(n2?.agent);
+      void w.startProc(n2, n2.agent.owner, { id: 'web' } as never, 2);
+      assert.match(w.violations[0]?.message ?? '', /RECOVERY BEFORE FENCE: web starting on node2/);
+    },
+  );
+
   it('reports an unmet expectation with what it saw', { timeout: 10_000 }, async () => {
     const scn = parseScenarioText('node node1\nresource web\nexpect web on node1 by 0.5s\nend 5s', 'early');
     const r = await runScenario(scn);
