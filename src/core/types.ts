@@ -31,11 +31,24 @@ export interface Capacity {
 }
 
 /** nodes/<node>: written by the node's agent when it starts and when it leaves cleanly. */
+/** A node's VM-relevant facts, recorded at join. */
+export interface HostInfo {
+  cpuModel: string;
+  /** /proc/cpuinfo flags of the first CPU, sorted */
+  cpuFlags: string[];
+  /** Linux bridges present on the node */
+  bridges: string[];
+  /** `qemu-system-x86_64 -version` first line, or null when QEMU is missing */
+  qemu: string | null;
+}
+
 export interface NodeRegistration {
   name: string;
   address: string;
   capacity: Capacity;
   labels: Record<string, string>;
+  /** what the host offers VMs (set by agents that probe it; `corral check` compares nodes) */
+  host?: HostInfo;
   /** a new number every time an agent (re)joins; fence records name the incarnation they ended */
   incarnation: number;
   /** set by a clean shutdown once every resource is stopped: the node needs no fencing */

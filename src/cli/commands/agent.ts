@@ -10,6 +10,7 @@ import { nodeEnv } from '../../env/node.js';
 import { ProcessDriver } from '../../drivers/process.js';
 import { QemuDriver } from '../../drivers/qemu.js';
 import { CompositeDriver } from '../../drivers/composite.js';
+import { probeHost } from '../../drivers/qemu-host.js';
 import { createFencer, writeAgentPidfile } from '../../fence/index.js';
 import { startWatchdog } from '../../agent/watchdog.js';
 import { Agent } from '../../agent/agent.js';
@@ -116,6 +117,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
     address: me.address,
     capacity: me.capacity,
     labels: me.labels,
+    hostInfo: probeHost(),
     timings: t,
     monitors,
     onEvent: (e) => env.log('info', e.message, { event: e.action, by: e.by }),
