@@ -147,6 +147,8 @@ export class Agent {
   }
 
   private isolated = false;
+  /** the kill of the latest self-fence (resolved once every resource is dead) */
+  private selfFenceKill: Promise<void> = Promise.resolve();
 
   private monitorContext(): NodeMonitorContext {
     const t = this.o.timings;
@@ -297,6 +299,9 @@ export class Agent {
    * resources elsewhere. Disarmed clusters skip this (planned maintenance).
    */
   async selfFence(why: string, leaseGone = false): Promise<void> {
+    // Already fenced: wait for the kill still under way, so a caller that acts on "self-fenced"
+    // (the poison-pill acknowledgement on the heartbeat disk) never acts before the kill ends.
+    if (this.phase === 'fenced') return this.selfFenceKill;
     if (this.phase !== 'joined' && this.phase !== 'starting') return;
     const t = this.o.timings;
     if (!this.flags.armed) {
@@ -316,7 +321,8 @@ export class Agent {
     this.lease = undefined;
     this.cancelSelfFence?.();
     this.o.env.log('error', `self-fencing: ${why}`);
-    await this.o.driver.killAll();
+    this.selfFenceKill = this.o.driver.killAll();
+    await this.selfFenceKill;
     this.wakeRenew?.();
     void this.agentEvent('self-fenced', `${this.o.node} self-fenced: ${why}`).catch(() => undefined);
   }
@@ -406,9 +412,10 @@ export class Agent {
         { type: 'range', prefix: this.k.resources },
         { type: 'range', prefix: this.k.statusesOf(this.o.node) },
         { type: 'get', key: this.k.flags },
+        { type: 'range', prefix: this.k.alives },
       ],
     });
-    const [assignR, specR, statusR, flagsR] = snap.results;
+    const [assignR, specR, statusR, flagsR, alivesR] = snap.results;
     if (flagsR?.type === 'get' && flagsR.kv) this.applyFlags(flagsR.kv.value);
     const assigned = new Map<string, ResourceRecord>();
     /** live migrations that name this node as their target */
@@ -526,9 +533,13 @@ export class Agent {
     if (
       this.flags.halted &&
       this.halted &&
-      [...local.values()].every((l) => l.state === 'stopped' || l.state === 'failed')
+      [...local.values()].every((l) => l.state === 'stopped' || l.state === 'failed') &&
+      [...assigned.values()].every((a) => !a.run && (a.state === 'stopped' || a.state === 'failed'))
     ) {
-      if ([...assigned.values()].every((a) => !a.run)) this.halted();
+      // the leader leaves last, so the manager records every other node's clean exit
+      const others =
+        alivesR?.type === 'range' ? alivesR.kvs.filter((kv) => kv.key !== this.k.alive(this.o.node)) : [];
+      if (!this.manager?.isLeader() || others.length === 0) this.halted();
     }
   }
 
