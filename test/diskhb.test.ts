@@ -146,3 +146,49 @@ test(
     });
   },
 );
+
+test('config: an sbd fence device and a per-node disk slot; bad values name the place', async () => {
+  const { parseClusterConfig } = await import('../src/config/schema.js');
+  const { createFencer } = await import('../src/fence/index.js');
+  const yaml = (fence: string, disk: string) =>
+    [
+      'version: 1',
+      'cluster: { name: t }',
+      'store: sqlite:./s.db',
+      'nodes:',
+      '  - name: a',
+      '    address: 10.0.0.1',
+      '    capacity: { cpus: 1, memory: 100 }',
+      `    fence: [${fence}]`,
+      `    disk: ${disk}`,
+      '',
+    ].join('\n');
+  const ok = parseClusterConfig(
+    yaml('{ type: sbd, device: /dev/loop9, timeoutMs: 3000 }', '{ device: hb, slot: 2 }'),
+    'c.yaml',
+    '/etc/corral',
+  );
+  assert.ok(ok.ok);
+  const node = ok.value.nodes[0]!;
+  assert.deepEqual(node.fence[0], { type: 'sbd', device: '/dev/loop9', timeoutMs: 3000, msgwaitMs: 4000 });
+  assert.deepEqual(node.disk, { device: '/etc/corral/hb', slot: 2, intervalMs: 1000 });
+  const bad = parseClusterConfig(
+    yaml('{ type: sbd, timeoutMs: 3000 }', '{ device: hb, slot: 300 }'),
+    'c.yaml',
+    '/etc/corral',
+  );
+  assert.equal(bad.ok, false);
+  const text = bad.ok ? '' : bad.errors.map((e) => `${e.path} ${e.message}`).join('\n');
+  assert.match(text, /nodes\.0\.fence\.0\.device|nodes\[0\]\.fence\[0\]\.device/);
+  assert.match(text, /slot number\) no greater than 254/);
+  assert.throws(
+    () =>
+      createFencer(
+        [{ name: 'a', fence: [{ type: 'sbd', device: '/x', timeoutMs: 1000, msgwaitMs: 1000 }] }],
+        {
+          log: () => undefined,
+        },
+      ),
+    /nodes\.a\.fence\[0\]\.msgwaitMs: msgwaitMs \(1000\) must be less than timeoutMs \(1000\)/,
+  );
+});

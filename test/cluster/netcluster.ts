@@ -276,7 +276,9 @@ export class NetCluster {
         100,
         false,
       );
-      this.store = await openStore(this.storeUrl, { opTimeoutMs: 2000 });
+      this.store = await this.observe('open the store', () =>
+        openStore(this.storeUrl, { opTimeoutMs: 2000 }),
+      );
       await this.waitFor(
         'etcd answers',
         async () => {
