@@ -13,6 +13,8 @@ import { registerSim } from './commands/sim.js';
 import { registerApi } from './commands/api.js';
 import { registerToken } from './commands/token.js';
 import { registerDisk } from './commands/disk.js';
+import { registerVm } from './commands/vm.js';
+import { registerCheck } from './commands/check.js';
 
 const program = new Command('corral')
   .description('Corral: high-availability cluster manager for VMs and services')
@@ -32,6 +34,8 @@ registerSim(program);
 registerApi(program);
 registerToken(program);
 registerDisk(program);
+registerVm(program);
+registerCheck(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -113,3 +113,71 @@ export const VmSpec = z.strictObject({
   liveness: GuestCheck.optional(),
 });
 export type VmSpec = z.infer<typeof VmSpec>;
+
+/**
+ * A VM definition file (`corral vm define -f vm.yaml`): the VM's name (an FQDN, also its
+ * resource id), its hardware, and its placement like any resource.
+ */
+export const VmDefinition = z.strictObject({
+  name: VmName,
+  cpus: z.number().int().min(1).max(256).default(1),
+  memory: VmSpec.shape.memory,
+  disks: VmSpec.shape.disks,
+  nics: VmSpec.shape.nics,
+  vnc: VmSpec.shape.vnc,
+  machine: VmSpec.shape.machine,
+  cpuModel: VmSpec.shape.cpuModel,
+  accel: VmSpec.shape.accel,
+  guestAgent: VmSpec.shape.guestAgent,
+  shutdownTimeoutMs: VmSpec.shape.shutdownTimeoutMs,
+  liveness: VmSpec.shape.liveness,
+  priority: z.number().int().min(-1000).max(1000).default(0),
+  nodeSelector: z.record(z.string(), z.string()).default({}),
+  affinity: z.array(z.string()).default([]),
+  antiAffinity: z.array(z.string()).default([]),
+  restart: z
+    .strictObject({
+      maxRestarts: z.number().int().min(0).default(3),
+      windowMs: z.number().int().min(1000).default(60000),
+      maxRelocations: z.number().int().min(0).default(1),
+    })
+    .optional(),
+  preferredNode: z.string().optional(),
+  desired: z.enum(['started', 'stopped']).default('started'),
+});
+export type VmDefinition = z.infer<typeof VmDefinition>;
+
+/** QEMU's own memory beyond the guest's, reserved on the node (MiB) */
+export const VM_MEMORY_OVERHEAD_MIB = 32;
+
+/** The resource spec (input form) of a VM definition. */
+export function vmResourceInput(d: VmDefinition): Record<string, unknown> {
+  const { name, cpus, priority, nodeSelector, affinity, antiAffinity, restart, preferredNode, desired } = d;
+  const vm = {
+    memory: d.memory,
+    cpus: d.cpus,
+    disks: d.disks,
+    nics: d.nics,
+    vnc: d.vnc,
+    machine: d.machine,
+    cpuModel: d.cpuModel,
+    accel: d.accel,
+    guestAgent: d.guestAgent,
+    shutdownTimeoutMs: d.shutdownTimeoutMs,
+    ...(d.liveness ? { liveness: d.liveness } : {}),
+  };
+  return {
+    id: name,
+    kind: 'vm',
+    vm,
+    cpus,
+    memory: d.memory + VM_MEMORY_OVERHEAD_MIB,
+    priority,
+    nodeSelector,
+    affinity,
+    antiAffinity,
+    ...(restart ? { restart } : {}),
+    ...(preferredNode ? { preferredNode } : {}),
+    desired,
+  };
+}

@@ -51,6 +51,8 @@ export function qemuArgs(spec: ResourceSpec, o: QemuArgsOptions): string[] {
     String(vm.cpus),
     '-qmp',
     `unix:${p.qmpSocket},server=on,wait=off`,
+    '-qmp',
+    `unix:${p.adminQmpSocket},server=on,wait=off`,
     '-serial',
     'none',
     '-boot',

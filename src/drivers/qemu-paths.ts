@@ -7,6 +7,8 @@ export function vmPaths(stateDir: string, id: string) {
   return {
     dir,
     qmpSocket: join(dir, 'qmp.sock'),
+    /** a second QMP monitor for tools (corral check, tests, benchmarks): the agent holds qmp.sock */
+    adminQmpSocket: join(dir, 'qmp-admin.sock'),
     vncSocket: join(dir, 'vnc.sock'),
     pidfile: join(dir, 'qemu.pid'),
     log: join(dir, 'qemu.log'),

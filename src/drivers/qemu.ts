@@ -217,7 +217,12 @@ export class QemuDriver implements Driver {
     let fd: number;
     try {
       mkdirSync(p.dir, { recursive: true, mode: 0o700 });
-      for (const s of [p.qmpSocket, p.vncSocket, vmGuestAgentSocket(this.o.stateDir, e.id)]) {
+      for (const s of [
+        p.qmpSocket,
+        p.adminQmpSocket,
+        p.vncSocket,
+        vmGuestAgentSocket(this.o.stateDir, e.id),
+      ]) {
         try {
           unlinkSync(s);
         } catch {

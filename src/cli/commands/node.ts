@@ -10,6 +10,7 @@ import { nodeEnv } from '../../env/node.js';
 import { nodeStateDir } from './agent.js';
 import { agentPid, localInfo, spawnLocalAgent } from '../local.js';
 import type { FenceRecord, NodeAdmin } from '../../core/types.js';
+import { drainNode, undrainNode, DRAIN_WAIT_MS_DEFAULT } from './vm.js';
 
 export function registerNode(program: Command): void {
   const node = program.command('node').description('list, inspect and operate nodes');
@@ -88,6 +89,32 @@ export function registerNode(program: Command): void {
             );
           }
           return 0;
+        }),
+      ),
+    );
+
+  cmd('drain', 'maintenance on, then wait (with progress) while VMs live-migrate and services move away')
+    .argument('<node>')
+    .option('--no-wait', 'return once maintenance is on')
+    .option('--timeout-ms <ms>', 'give up waiting after this long', String(DRAIN_WAIT_MS_DEFAULT))
+    .action(
+      action((name: string, opts: GlobalOpts & { wait: boolean; timeoutMs: string }) =>
+        withCluster(opts, async (c) => {
+          checkNode(c, name);
+          const timeoutMs = Number(opts.timeoutMs);
+          if (!Number.isInteger(timeoutMs) || timeoutMs <= 0)
+            throw new UsageError(`--timeout-ms ${opts.timeoutMs}: expected a positive integer`);
+          return drainNode(c, name, { wait: opts.wait, timeoutMs });
+        }),
+      ),
+    );
+  cmd('undrain', 'maintenance off: the node takes work again')
+    .argument('<node>')
+    .action(
+      action((name: string, opts: GlobalOpts) =>
+        withCluster(opts, async (c) => {
+          checkNode(c, name);
+          return undrainNode(c, name);
         }),
       ),
     );
