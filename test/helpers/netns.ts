@@ -69,6 +69,7 @@ export function createNetnsLab(opts: {
     ip('netns', 'add', hub);
     created.push(hub);
     ip('-n', hub, 'link', 'add', 'br0', 'type', 'bridge');
+    ip('-n', hub, 'link', 'set', 'br0', 'type', 'bridge', 'mcast_snooping', '0');
     ip('-n', hub, 'link', 'set', 'br0', 'up');
     for (let i = 0; i < opts.count; i++) {
       const ns = `${tag}-n${i}`;
@@ -81,7 +82,8 @@ export function createNetnsLab(opts: {
       ip('-n', ns, 'link', 'set', outer, 'netns', hub);
       ip('-n', hub, 'link', 'set', outer, 'master', 'br0');
       ip('-n', hub, 'link', 'set', outer, 'up');
-      ip('-n', ns, 'addr', 'add', `${subnet}.${i + 1}/24`, 'dev', inner);
+      // `brd +` sets the broadcast address (udpcast's receivers say hello by broadcast).
+      ip('-n', ns, 'addr', 'add', `${subnet}.${i + 1}/24`, 'brd', '+', 'dev', inner);
       ip('-n', ns, 'link', 'set', inner, 'up');
       ip('-n', ns, 'link', 'set', 'lo', 'up');
       if (opts.rate)
