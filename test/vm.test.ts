@@ -4,8 +4,8 @@
 // second QMP monitor); a QEMU crash is restarted; `node drain` moves several VMs away.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { TestCluster } from './helpers/cluster.js';
 import { openStore } from '../src/store/index.js';
@@ -231,5 +231,45 @@ describe('VMs on a real cluster', { timeout: 420_000, skip }, () => {
     }
     const u = c.cli('node', 'undrain', 'n3');
     assert.equal(u.code, 0, u.stderr);
+  });
+
+  it('corral check: a QEMU unknown to the store is an orphan (exit 1), killed with --stop-orphans', async () => {
+    mkdirSync(vmPaths(stateDir('n1'), 'orphan.example.org').dir, { recursive: true });
+    const orphan = spawn(
+      'qemu-system-x86_64',
+      [
+        '-name',
+        'guest=orphan.example.org',
+        '-nodefaults',
+        '-display',
+        'none',
+        '-accel',
+        'tcg',
+        '-m',
+        '32M',
+        // as if an agent of n1 had started it: its QMP socket under n1's state dir
+        '-qmp',
+        `unix:${vmPaths(stateDir('n1'), 'orphan.example.org').qmpSocket},server=on,wait=off`,
+      ],
+      { stdio: 'ignore' },
+    );
+    try {
+      await new Promise((r) => setTimeout(r, 300));
+      const r = c.cli('check', '--json', '--state-root', c.stateRoot);
+      assert.equal(r.code, 1, r.stderr);
+      const out = JSON.parse(r.stdout) as { ok: boolean; problems: { check: string; message: string }[] };
+      assert.equal(out.ok, false);
+      assert.ok(
+        out.problems.some(
+          (p) => p.check === 'orphan' && p.message.includes(`QEMU ${orphan.pid} (orphan.example.org)`),
+        ),
+        JSON.stringify(out.problems),
+      );
+      assert.ok(!out.problems.some((p) => p.check === 'running-twice' || p.check === 'defined-twice'));
+      const k = c.cli('check', '--stop-orphans', '--state-root', c.stateRoot);
+      assert.match(k.stdout, new RegExp(`killed orphan QEMU ${orphan.pid}`));
+    } finally {
+      orphan.kill('SIGKILL');
+    }
   });
 });

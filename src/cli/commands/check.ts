@@ -88,14 +88,25 @@ export async function runChecks(c: ClusterContext, stateRoot: string): Promise<C
     const rec = q.id ? recs.get(q.id) : undefined;
     const migratingHere =
       rec?.migration && (rec.migration.target === q.node || rec.migration.source === q.node);
+    if (q.node === undefined) {
+      // not started by an agent of this state root: reported, never touched
+      if (!q.id || !vms.some((v) => v.id === q.id))
+        add({
+          severity: 'warning',
+          check: 'orphan',
+          object: `pid ${q.pid}`,
+          message: `QEMU ${q.pid} (${q.id ?? 'no -name'}) runs on this host outside ${stateRoot}: not Corral's, left alone`,
+        });
+      continue;
+    }
     if (!q.id || !vms.some((v) => v.id === q.id))
       add({
         severity: 'error',
         check: 'orphan',
         object: `pid ${q.pid}`,
-        message: `QEMU ${q.pid} (${q.id ?? 'no -name'}) runs on this host but no such VM is defined`,
+        message: `QEMU ${q.pid} (${q.id ?? 'no -name'}) of node ${q.node} runs but no such VM is defined`,
       });
-    else if (q.node !== undefined && rec && rec.node !== q.node && !migratingHere)
+    else if (rec && rec.node !== q.node && !migratingHere)
       add({
         severity: 'error',
         check: 'orphan',
@@ -107,7 +118,7 @@ export async function runChecks(c: ClusterContext, stateRoot: string): Promise<C
         severity: 'error',
         check: 'orphan',
         object: q.id,
-        message: `QEMU ${q.pid} runs ${q.id}, which the store has stopped`,
+        message: `QEMU ${q.pid} runs ${q.id} on ${q.node}, which the store has stopped`,
       });
   }
 
@@ -268,6 +279,7 @@ export function registerCheck(program: Command): void {
           for (const q of scanQemu(stateRoot)) {
             const orphan = problems.some(
               (p) =>
+                p.severity === 'error' &&
                 p.check === 'orphan' &&
                 (p.object === `pid ${q.pid}` || p.message.startsWith(`QEMU ${q.pid} `)),
             );
