@@ -460,7 +460,10 @@ export function registerVm(program: Command): void {
     .argument('<name>')
     .action(setDesired('stopped', 'shutdown'));
   cmd('stop', 'same as shutdown').argument('<name>').action(setDesired('stopped', 'stop'));
-  cmd('destroy', 'stop a VM and set its shutdownTimeoutMs to 0 (a running QEMU keeps the grace it started with)')
+  cmd(
+    'destroy',
+    'stop a VM and set its shutdownTimeoutMs to 0 (a running QEMU keeps the grace it started with)',
+  )
     .argument('<name>')
     .action(
       action((name: string, opts: GlobalOpts) =>
