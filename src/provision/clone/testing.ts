@@ -54,7 +54,11 @@ const live = new Set<ChildProcess>();
 
 /** Runs `corral ARGS...` as a real process (optionally under a prefix such as `ip netns exec NS`). */
 export function corral(args: string[], opts: { prefix?: string[]; env?: NodeJS.ProcessEnv } = {}): Proc {
-  const cmd = [...(opts.prefix ?? []), process.execPath, join(repoRoot, 'bin', 'corral.js'), ...args];
+  // CORRAL_CLONE_STANDALONE=1 runs only the clone commands (through tsx), e.g. for the bench.
+  const entry = process.env.CORRAL_CLONE_STANDALONE
+    ? ['--import', 'tsx', join(repoRoot, 'src', 'provision', 'clone', 'standalone.ts')]
+    : [join(repoRoot, 'bin', 'corral.js')];
+  const cmd = [...(opts.prefix ?? []), process.execPath, ...entry, ...args];
   const child = spawn(cmd[0]!, cmd.slice(1), {
     cwd: repoRoot,
     env: { ...process.env, ...opts.env },
