@@ -114,10 +114,11 @@ async function main(): Promise<void> {
       ]);
     }
     if (rows.length > 0) console.log(`\nlive migration, idle VMs, median of ${runs} runs (ms)`);
-    printTable(
-      ['size', 'corral', 'bare QMP', 'ratio', 'added', 'within target', 'downtime corral', 'downtime bare'],
-      rows,
-    );
+    if (rows.length > 0)
+      printTable(
+        ['size', 'corral', 'bare QMP', 'ratio', 'added', 'within target', 'downtime corral', 'downtime bare'],
+        rows,
+      );
 
     // drain of N VMs vs one by one
     const ids = Array.from({ length: drainCount }, (_, i) => `d${i}.bench`);

@@ -205,6 +205,9 @@ test('live migration: the target runs the same guest, the source QEMU is gone', 
   assert.ok(out.progress.totalBytes >= 64 * 1024 * 1024);
   assert.ok(out.progress.downtimeMs !== undefined);
   assert.deepEqual(src.list(), []);
+  // the source is paused for good at once and quits in the background
+  const quitBy = performance.now() + EVENT_WAIT_MS;
+  while (isAlive(srcPid) && performance.now() < quitBy) await sleep(20);
   assert.ok(!isAlive(srcPid), 'source QEMU quit');
   const deadline = performance.now() + EVENT_WAIT_MS;
   while (dst.list()[0]?.state !== 'started' && performance.now() < deadline) await sleep(50);

@@ -37,11 +37,11 @@ export const GONE_POLL_MS = 20;
 /** adopted QEMUs are not our children: poll /proc this often as well as watching QMP */
 export const ADOPTED_POLL_MS = 250;
 /** query-migrate polling period during an outgoing migration */
-export const MIGRATE_POLL_MS = 100;
+export const MIGRATE_POLL_MS = 50;
 /** QMP command bound during migration polling */
 export const MIGRATE_QMP_TIMEOUT_MS = 5000;
 /** an incoming copy checks its run state this often (beside the RESUME event) */
-export const INCOMING_POLL_MS = 200;
+export const INCOMING_POLL_MS = 100;
 /** migration bandwidth cap set on the source (QEMU's own default is 32 MiB/s) */
 export const MIGRATE_MAX_BANDWIDTH_BPS = 4 * 1024 * 1024 * 1024;
 /** allowed guest pause at the end of a migration */
@@ -591,8 +591,13 @@ export class QemuDriver implements Driver {
     e.state = 'stopping';
     e.reason = `migrated to ${target.host}:${target.port}`;
     this.o.env.log('info', `${id} migrated out`, { id, ...last });
-    await this.kill(e);
-    this.forget(e);
+    // paused for good (postmigrate): report at once, quit in the background
+    this.clearTimers(e);
+    if (this.entries.get(id) === e) this.entries.delete(id);
+    void this.kill(e).then(() => {
+      e.qmp?.close();
+      this.removeEntryPidfile(e);
+    });
     return { ok: true, progress: last };
   }
 
