@@ -57,6 +57,8 @@ interface AgentCliOpts {
   leave?: boolean;
   watchdog: boolean;
   logLevel: 'debug' | 'info' | 'warn' | 'error';
+  /** serve the REST API and dashboard from this agent (true: network.api.listen) */
+  api?: string | boolean;
 }
 
 export function registerAgent(program: Command): void {
@@ -71,7 +73,8 @@ export function registerAgent(program: Command): void {
         '--no-watchdog',
         'do not start the node watchdog (resources are not killed if the agent freezes)',
       )
-      .option('--log-level <level>', 'debug, info, warn or error', 'info'),
+      .option('--log-level <level>', 'debug, info, warn or error', 'info')
+      .option('--api [host:port]', 'also serve the REST API and dashboard (default: network.api.listen)'),
   ).action(action(runAgent));
 }
 
@@ -123,6 +126,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
     onEvent: (e) => env.log('info', e.message, { event: e.action, by: e.by }),
   });
   let stopping: Promise<void> | undefined;
+  let api: { close(): Promise<void> } | undefined;
   const shutdown = (why: string, leave: boolean) => {
     if (stopping) return stopping;
     env.log('info', `stopping (${why})${leave ? ': moving resources away first' : ''}`);
@@ -130,6 +134,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
       .stop({ leave })
       .catch((e: unknown) => env.log('error', 'unclean stop', { error: String(e) }))
       .finally(async () => {
+        await api?.close().catch(() => undefined);
         await watchdog?.close();
         await driver.close();
         await store.close().catch(() => undefined);
@@ -144,6 +149,20 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
   });
   await agent.start();
   env.log('info', `agent running (config ${configPath}, state ${stateDir}, store ${store.url})`);
+  if (opts.api) {
+    // loaded on demand: agents without --api never load fastify
+    const { startApi } = await import('../../api/server.js');
+    const server = await startApi({
+      store,
+      config,
+      configPath,
+      stateRoot: opts.stateRoot,
+      listen: typeof opts.api === 'string' ? opts.api : undefined,
+      log: (level, msg) => env.log(level, `api: ${msg}`),
+    });
+    api = server;
+    env.log('info', `API and dashboard on ${server.url}/`);
+  }
   await done;
   return 0;
 }
