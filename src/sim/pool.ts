@@ -32,7 +32,7 @@ export async function runFuzzSeeds(
     const mine = seeds.filter((_, i) => i % n === w);
     runs.push(
       new Promise<void>((resolve, reject) => {
-        const worker = new Worker(url, { execArgv: fromSource ? ['--import', 'tsx'] : [] });
+        const worker = fromSource ? tsxWorker(url) : new Worker(url);
         worker.on('message', (m: FuzzCaseResult | 'done') => {
           if (m === 'done') {
             void worker.terminate().then(() => resolve());
@@ -50,4 +50,11 @@ export async function runFuzzSeeds(
     );
   }
   await Promise.all(runs);
+}
+
+/** A worker running TypeScript sources (development checkout): register tsx in it first. */
+function tsxWorker(url: URL): Worker {
+  const api = import.meta.resolve('tsx/esm/api');
+  const code = `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(url.href)}); })`;
+  return new Worker(code, { eval: true });
 }
