@@ -51,8 +51,8 @@ function vmSpec(id: string, memory: number, preferredNode?: string): ResourceSpe
 async function main(): Promise<void> {
   const c = new TestCluster({
     nodes: [
-      { name: 'n1', memory: 32768 },
-      { name: 'n2', memory: 32768 },
+      { name: 'n1', memory: 32768, cpus: 32 },
+      { name: 'n2', memory: 32768, cpus: 32 },
     ],
     leaseTtlMs: 6000,
   });
