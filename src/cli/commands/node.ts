@@ -2,32 +2,26 @@
 import type { Command } from 'commander';
 import { action, UsageError } from '../program.js';
 import { addConfigOption, withCluster, type ClusterContext, type GlobalOpts } from '../context.js';
-import { readStatus } from '../status.js';
+import { addClientOptions, withClient, type ClientOpts } from '../client.js';
 import { printJson, table } from '../table.js';
 import { operatorEvent } from './resource.js';
 import { createFencer } from '../../fence/index.js';
 import { nodeEnv } from '../../env/node.js';
 import { nodeStateDir } from './agent.js';
 import { agentPid, localInfo, spawnLocalAgent } from '../local.js';
-import type { FenceRecord, NodeAdmin } from '../../core/types.js';
+import type { FenceRecord } from '../../core/types.js';
 import { drainNode, undrainNode, DRAIN_WAIT_MS_DEFAULT } from './vm.js';
 
 export function registerNode(program: Command): void {
   const node = program.command('node').description('list, inspect and operate nodes');
   const cmd = (name: string, desc: string) => addConfigOption(node.command(name).description(desc));
 
-  cmd('list', 'every node with state, capacity use and reason')
+  addClientOptions(cmd('list', 'every node with state, capacity use and reason'))
     .option('--json', 'machine-readable output')
     .action(
-      action((opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          const s = await readStatus(
-            c.store,
-            c.config.cluster.name,
-            c.k,
-            c.config.nodes.map((n) => n.name),
-            0,
-          );
+      action((opts: ClientOpts) =>
+        withClient(opts, async (c) => {
+          const s = await c.status(0);
           if (opts.json) printJson(s.nodes);
           else
             process.stdout.write(
@@ -49,21 +43,19 @@ export function registerNode(program: Command): void {
       ),
     );
 
-  cmd('show', 'one node: state, capacity, labels, last fence, resources')
+  addClientOptions(cmd('show', 'one node: state, capacity, labels, last fence, resources'))
     .argument('<node>')
     .option('--json', 'machine-readable output')
     .action(
-      action((name: string, opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          checkNode(c, name);
-          const s = await readStatus(
-            c.store,
-            c.config.cluster.name,
-            c.k,
-            c.config.nodes.map((n) => n.name),
-            0,
-          );
+      action((name: string, opts: ClientOpts) =>
+        withClient(opts, async (c) => {
+          const s = await c.status(0);
           const n = s.nodes.find((x) => x.name === name);
+          if (!n)
+            throw new UsageError(
+              `node "${name}" is not in the cluster`,
+              `known nodes: ${s.nodes.map((x) => x.name).join(', ')}`,
+            );
           const resources = s.resources.filter((r) => r.node === name);
           if (opts.json) printJson({ ...n, resourceList: resources });
           else if (n) {
@@ -119,22 +111,20 @@ export function registerNode(program: Command): void {
       ),
     );
 
-  cmd('maintenance', 'maintenance on: move resources away and place nothing new; off: back in service')
+  addClientOptions(
+    cmd('maintenance', 'maintenance on: move resources away and place nothing new; off: back in service'),
+  )
     .argument('<on|off>')
     .argument('<node>')
     .action(
-      action((mode: string, name: string, opts: GlobalOpts) =>
-        withCluster(opts, async (c) => {
-          if (mode !== 'on' && mode !== 'off')
-            throw new UsageError(`maintenance ${mode}: expected on or off`);
-          checkNode(c, name);
-          const admin: NodeAdmin = { maintenance: mode === 'on' };
-          await c.store.put(c.k.nodeAdmin(name), JSON.stringify(admin));
-          await operatorEvent(c, name, `maintenance-${mode}`, `${name}: maintenance ${mode}`);
+      action((mode: string, name: string, opts: ClientOpts) => {
+        if (mode !== 'on' && mode !== 'off') throw new UsageError(`maintenance ${mode}: expected on or off`);
+        return withClient(opts, async (c) => {
+          await c.maintenance(name, mode === 'on');
           process.stdout.write(`${name}: maintenance ${mode}\n`);
           return 0;
-        }),
-      ),
+        });
+      }),
     );
 
   cmd('fence', 'fence a node now with its configured devices (it loses its resources)')
