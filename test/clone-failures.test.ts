@@ -151,7 +151,7 @@ describe('clone failures (real processes over loopback)', () => {
       // The status endpoint, while streaming: JSON, the table, and read-only.
       const s1 = await status(port);
       assert.equal(s1.receivers.find((r) => r.name === middle)!.state, 'dead');
-      assert.deepEqual(s1.chain, [first, last]);
+      assert.ok(!s1.chain.includes(middle), `${middle} still in the chain ${s1.chain.join(',')}`);
       const post = await fetch(`http://127.0.0.1:${port}/status`, { method: 'POST', body: 'exec rm -rf /' });
       assert.equal(post.status, 405);
 
@@ -248,24 +248,24 @@ describe('clone failures (real processes over loopback)', () => {
       const before = sha(victim);
 
       const wrong = receive(port, 'other', secretFile, 'w1', victim);
-      assert.equal(await exitWithin(wrong, 30_000), 1);
+      assert.equal(await exitWithin(wrong, 60_000), 1);
       assert.match(wrong.stderr(), /refused session 'other': this server runs session 'right'/);
       assert.match(wrong.stderr(), /hint: give the session name/);
 
       const badSecret = join(dir, 'bad.secret');
       writeFileSync(badSecret, 'not-the-right-secret-at-all\n');
       const bad = receive(port, 'right', badSecret, 'b1', victim);
-      assert.equal(await exitWithin(bad, 30_000), 1);
+      assert.equal(await exitWithin(bad, 60_000), 1);
       assert.match(bad.stderr(), /authentication failed/);
       assert.equal(sha(victim), before, 'a refused receiver wrote to its target');
 
       // `corral clone status` while the server waits: a table, and JSON.
       const table = corral(['clone', 'status', '--server', `127.0.0.1:${port}`]);
-      assert.equal(await exitWithin(table, 30_000), 0, table.stderr());
+      assert.equal(await exitWithin(table, 60_000), 0, table.stderr());
       assert.match(table.stdout(), /session right .*state waiting/);
       assert.match(table.stdout(), /RECEIVER\s+STATE\s+POS\s+WRITTEN/);
       const json = corral(['clone', 'status', '--server', `127.0.0.1:${port}`, '--json']);
-      assert.equal(await exitWithin(json, 30_000), 0, json.stderr());
+      assert.equal(await exitWithin(json, 60_000), 0, json.stderr());
       const st0 = JSON.parse(json.stdout()) as ServerStatus;
       assert.equal(st0.state, 'waiting');
       assert.equal(st0.receivers.length, 0, 'refused receivers are not listed');
@@ -284,7 +284,7 @@ describe('clone failures (real processes over loopback)', () => {
       try {
         if (loop) {
           const small = receive(port, 'right', secretFile, 's1', loop);
-          assert.equal(await exitWithin(small, 30_000), 1);
+          assert.equal(await exitWithin(small, 60_000), 1);
           assert.match(
             small.stderr(),
             /target is 4194304 bytes, smaller than the source 'tiny\.img' \(8388608 bytes\); nothing was written/,
@@ -294,7 +294,7 @@ describe('clone failures (real processes over loopback)', () => {
 
         // The session still works for a good receiver.
         const good = receive(port, 'right', secretFile, 'g1', join(dir, 'good.img'));
-        assert.equal(await exitWithin(good, 30_000), 0, good.stderr());
+        assert.equal(await exitWithin(good, 60_000), 0, good.stderr());
         const code = await exitWithin(server, 30_000);
         const st = JSON.parse(server.stdout()) as ServerStatus;
         assert.equal(st.receivers.find((r) => r.name === 'g1')!.state, 'verified');
