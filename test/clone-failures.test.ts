@@ -236,7 +236,7 @@ describe('clone failures (real processes over loopback)', () => {
 
   test(
     'wrong session, bad secret and a too-small target are refused; their targets are untouched',
-    { timeout: 90_000 },
+    { timeout: 180_000 },
     async (t) => {
       const tiny = join(dir, 'tiny.img');
       await makeImage(tiny, 8 * MiB, 3);
