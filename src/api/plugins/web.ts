@@ -59,14 +59,12 @@ export function webRoutes(ctx: ApiContext) {
     app.get('/novnc/*', { config: { role: 'public' } }, (req, reply) =>
       novnc
         ? sendFile(reply, novnc, (req.params as { '*': string })['*'])
-        : reply
-            .code(404)
-            .send({
-              code: 'CORRAL_API_NOT_FOUND',
-              message: '@novnc/novnc is not installed',
-              path: '',
-              hint: 'npm install',
-            }),
+        : reply.code(404).send({
+            code: 'CORRAL_API_NOT_FOUND',
+            message: '@novnc/novnc is not installed',
+            path: '',
+            hint: 'npm install',
+          }),
     );
     app.get('/metrics', { config: { role: 'public' } }, async (req, reply) => {
       if (ctx.config.network.api.metricsAuth) await authenticate(ctx.verifier, req, 'viewer');
