@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { action, UsageError } from '../program.js';
 import { addConfigOption, withCluster, type ClusterContext, type GlobalOpts } from '../context.js';
 import { addClientOptions, withClient, type ClientOpts } from '../client.js';
+import { CorralError } from '../../core/errors.js';
 import { printJson, table } from '../table.js';
 import { operatorEvent } from './resource.js';
 import { createFencer } from '../../fence/index.js';
@@ -120,7 +121,12 @@ export function registerNode(program: Command): void {
       action((mode: string, name: string, opts: ClientOpts) => {
         if (mode !== 'on' && mode !== 'off') throw new UsageError(`maintenance ${mode}: expected on or off`);
         return withClient(opts, async (c) => {
-          await c.maintenance(name, mode === 'on');
+          await c.maintenance(name, mode === 'on').catch((e: unknown) => {
+            // an unknown node is a usage error (exit 2), through the API or the store alike
+            if (e instanceof CorralError && e.code === 'CORRAL_NOT_FOUND')
+              throw new UsageError(e.message, e.hint);
+            throw e;
+          });
           process.stdout.write(`${name}: maintenance ${mode}\n`);
           return 0;
         });
