@@ -64,7 +64,7 @@ async function measure(ttl: number, k: number): Promise<Row> {
     const leader = (await c.snapshot()).leader?.node;
     const victim = ['n1', 'n2', 'n3'].find((n) => n !== leader) as string;
     for (let i = 0; i < k; i++)
-      await c.defineService(`s${i}`, basePort + i, { preferredNode: victim, memory: 16 });
+      await c.defineService(`s${i}`, basePort + i, { preferredNode: victim, memory: 16, cpus: 0.1 });
     for (let run = 0; run < runs; run++) {
       await c.waitFor(
         `all ${k} on ${victim}`,
