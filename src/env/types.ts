@@ -28,8 +28,7 @@ export interface LocalResource {
 }
 
 export type MigrateOutcome =
-  | { ok: true; progress: MigrationProgress }
-  | { ok: false; reason: string; progress?: MigrationProgress };
+  { ok: true; progress: MigrationProgress } | { ok: false; reason: string; progress?: MigrationProgress };
 
 export type DriverEvent =
   /** the resource left the started state on its own: exited, crashed, health check failed */
@@ -57,7 +56,10 @@ export interface Driver {
    * copy is stopped for good (the driver forgets it), on failure it keeps running.
    */
   supportsMigration?(spec: ResourceSpec): boolean;
-  prepareIncoming?(spec: ResourceSpec, epoch: number): Promise<{ ok: true; host: string; port: number } | { ok: false; reason: string }>;
+  prepareIncoming?(
+    spec: ResourceSpec,
+    epoch: number,
+  ): Promise<{ ok: true; host: string; port: number } | { ok: false; reason: string }>;
   migrateOut?(
     id: string,
     target: { host: string; port: number },
