@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== typecheck and build"; bash scripts/build.sh
 echo "== lint"; npx eslint . && npx prettier --check . >/dev/null
-echo "== tests"; node scripts/run-tests.mjs "$@"
+echo "== tests"
+# every multi-host partition scenario, not only the quick set
+export CORRAL_MULTIHOST_ALL="${CORRAL_MULTIHOST_ALL:-1}"
+node scripts/run-tests.mjs "$@"

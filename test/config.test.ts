@@ -52,7 +52,7 @@ const broken: Record<string, string[]> = {
     'unknown-key-typo.yaml:5:3 timings.leaseTTLMs: unknown key, did you mean `leaseTtlMs`?',
     'unknown-key-typo.yaml:7:5 nodes[0].capacity: missing required field, expected `{ cpus: N, memory: MiB }`',
     'unknown-key-typo.yaml:9:5 nodes[0].capacty: unknown key, did you mean `capacity`?',
-    'unknown-key-typo.yaml:10:5 nodes[0].colour: unknown key; allowed here: `name`, `address`, `capacity`, `labels`, `fence`',
+    'unknown-key-typo.yaml:10:5 nodes[0].colour: unknown key; allowed here: `name`, `address`, `capacity`, `labels`, `fence`, `disk`',
   ],
   'duplicate-node.yaml': [
     'duplicate-node.yaml:11:11 nodes[2].name: duplicate node name "n1" (also nodes[0])',
@@ -63,7 +63,7 @@ const broken: Record<string, string[]> = {
       'got "etcd://10.0.0.1:2379,10.0.0.2": endpoint "10.0.0.2": expected host:port (IPv6 in brackets: [::1]:7440)',
   ],
   'bad-fence-type.yaml': [
-    'bad-fence-type.yaml:9:15 nodes[0].fence[0].type: expected type to be one of `command`, `fence-agent`, `local`, got "ipmi"',
+    'bad-fence-type.yaml:9:15 nodes[0].fence[0].type: expected type to be one of `command`, `fence-agent`, `local`, `sbd`, got "ipmi"',
     'bad-fence-type.yaml:12:16 nodes[0].fence[1].agent: expected a fence agent name like fence_xvm (fence_[a-z0-9_]+), got "fence-xvm"',
     'bad-fence-type.yaml:13:25 nodes[0].fence[1].params.port: expected a string, number or boolean, got a list',
     'bad-fence-type.yaml:15:18 nodes[0].fence[2].command: expected the command as a list of arguments, ' +
