@@ -19,6 +19,10 @@ command -v fping >/dev/null || need+=(fping)
 command -v nft >/dev/null || need+=(nftables)
 command -v chromium >/dev/null || need+=(chromium)
 command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || need+=(rabbitmq-server)
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+command -v busybox >/dev/null || need+=(busybox)
+command -v fatlabel >/dev/null || [ -x /usr/sbin/fatlabel ] || need+=(dosfstools)
+command -v xfs_admin >/dev/null || [ -x /usr/sbin/xfs_admin ] || need+=(xfsprogs)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
