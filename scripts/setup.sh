@@ -23,6 +23,7 @@ command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base
 command -v busybox >/dev/null || need+=(busybox)
 command -v fatlabel >/dev/null || [ -x /usr/sbin/fatlabel ] || need+=(dosfstools)
 command -v xfs_admin >/dev/null || [ -x /usr/sbin/xfs_admin ] || need+=(xfsprogs)
+command -v partclone.ext4 >/dev/null || [ -x /usr/sbin/partclone.ext4 ] || need+=(partclone)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "corral setup: installing Debian packages: ${need[*]}"
