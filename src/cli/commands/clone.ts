@@ -16,6 +16,13 @@ import {
 } from '../../provision/desc.js';
 import { volumeInfo } from '../../provision/clone/volume.js';
 import { UsageError, action, exitCodes, printError } from '../program.js';
+import {
+  addIdentityOptions,
+  checkIdentityFlags,
+  identityAfterReceive,
+  registerCloneIdentity,
+  type IdentityFlags,
+} from './clone-identity.js';
 
 export const defaultClonePort = 7707;
 
@@ -118,7 +125,7 @@ interface ServeOpts {
   quiet?: boolean;
 }
 
-interface ReceiveOpts {
+interface ReceiveOpts extends IdentityFlags {
   server: string;
   session: string;
   target: string;
@@ -242,6 +249,7 @@ export function registerClone(program: Command): void {
     .action(
       cloneAction(async (o: ReceiveOpts) => {
         const { host, port } = parseHostPort('--server', o.server, defaultClonePort);
+        checkIdentityFlags(o);
         const secret = (await readSecret(o.secretFile, true))!;
         const name = o.name ?? hostname().split('.')[0]!;
         if (!sessionRe.test(name)) throw new UsageError(`--name ${name}: expected letters, digits, . _ -`);
@@ -267,6 +275,8 @@ export function registerClone(program: Command): void {
               : defaultReceiverLimits.forwardLagMaxBytes,
           },
         });
+        // Post-clone identity (clone-identity.ts), only once the target has verified.
+        if (r.ok && !(await identityAfterReceive(o.target, o, name))) return exitCodes.problem;
         return r.ok ? exitCodes.ok : exitCodes.problem;
       }),
     );
@@ -325,4 +335,10 @@ export function registerClone(program: Command): void {
         else process.stdout.write(text);
       }),
     );
+  // Post-clone identity: options of `receive`, and `clone identity` for images cloned earlier.
+  addIdentityOptions(
+    clone.commands.find((c) => c.name() === 'receive')!,
+    true,
+  );
+  registerCloneIdentity(clone);
 }
