@@ -6,7 +6,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { WebSocket } from 'ws';
+import { openWs, rfbHandshake } from './helpers/rfb.js';
 import { openStore } from '../src/store/index.js';
 import type { Store } from '../src/store/types.js';
 import { loadClusterConfig } from '../src/config/schema.js';
@@ -23,48 +23,37 @@ const qemuBin = 'qemu-system-x86_64';
 const waitMs = 15000;
 const hasQemu = spawnSync(qemuBin, ['--version']).status === 0;
 
-/** Reads exactly n bytes from a WebSocket's binary frames. */
-function reader(ws: WebSocket) {
-  let buf = Buffer.alloc(0);
-  let wake: (() => void) | undefined;
-  ws.on('message', (d: Buffer) => {
-    buf = Buffer.concat([buf, d]);
-    wake?.();
-  });
-  return async (n: number): Promise<Buffer> => {
-    const deadline = Date.now() + waitMs;
-    while (buf.length < n) {
-      if (Date.now() > deadline) throw new Error(`wanted ${n} bytes, have ${buf.length}`);
-      await new Promise<void>((r) => {
-        wake = r;
-        setTimeout(r, 200);
-      });
-    }
-    const out = buf.subarray(0, n);
-    buf = buf.subarray(n);
-    return out;
-  };
-}
-
-function openWs(url: string): Promise<WebSocket> {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, ['binary']);
-    ws.once('open', () => resolve(ws));
-    ws.once('unexpected-response', (_req, res) => reject(new Error(`HTTP ${res.statusCode}`)));
-    ws.once('error', reject);
-  });
-}
-
 describe('console proxy', { timeout: 60_000 }, () => {
-  it('tickets expire after 30 s and are single use', () => {
-    const t = new ConsoleTickets();
-    const a = t.issue({ vm: 'v', node: 'n', socketPath: '/x', caller: 'c' }, 1000);
-    assert.match(a.token, /^[A-Za-z0-9_-]{43}$/);
-    assert.ok(t.take(a.token, 1000 + consoleTicketTtlMs - 1));
-    assert.equal(t.take(a.token, 1001), undefined, 'single use');
-    const b = t.issue({ vm: 'v', node: 'n', socketPath: '/x', caller: 'c' }, 1000);
-    assert.equal(t.take(b.token, 1000 + consoleTicketTtlMs), undefined, 'expired');
-    assert.equal(t.take('guess', 1000), undefined);
+  it('tickets live in the store (hashed), expire after 30 s and are single use', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'corral-tickets-'));
+    const st = await openStore(`sqlite:${join(dir, 'store.db')}`);
+    try {
+      const k = keys('tk');
+      const t = new ConsoleTickets(st, k);
+      const a = await t.issue({ vm: 'v', node: 'n', caller: 'c' }, 1000);
+      assert.match(a.token, /^[A-Za-z0-9_-]{43}$/);
+      const stored = await st.range(k.consoleTickets);
+      assert.equal(stored.kvs.length, 1);
+      assert.ok(!stored.kvs[0]!.key.includes(a.token) && !stored.kvs[0]!.value.includes(a.token));
+      // a second API server on the same store accepts it, once
+      const other = new ConsoleTickets(st, k);
+      assert.equal((await other.take(a.token, 1000 + consoleTicketTtlMs - 1))?.vm, 'v');
+      assert.equal(await t.take(a.token, 1001), undefined, 'single use');
+      const b = await t.issue({ vm: 'v', node: 'n', caller: 'c' }, 1000);
+      assert.equal(await t.take(b.token, 1000 + consoleTicketTtlMs), undefined, 'expired');
+      assert.equal(await t.take('guess', 1000), undefined);
+      // concurrent takes of one ticket: exactly one wins
+      const c = await t.issue({ vm: 'v', node: 'n', caller: 'c' }, 1000);
+      const wins = await Promise.all([t.take(c.token, 1001), other.take(c.token, 1001)]);
+      assert.equal(wins.filter(Boolean).length, 1);
+      // expired tickets are swept when new ones are issued
+      await t.issue({ vm: 'v', node: 'n', caller: 'c' }, 1000);
+      await t.issue({ vm: 'v', node: 'n', caller: 'c' }, 1000 + consoleTicketTtlMs + 1);
+      assert.equal((await st.range(k.consoleTickets)).kvs.length, 1);
+    } finally {
+      await st.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   describe('with a real QEMU VNC server', () => {
@@ -150,22 +139,7 @@ describe('console proxy', { timeout: 60_000 }, () => {
       const t = await ticket(op);
       assert.equal(t.status, 201, JSON.stringify(t.json));
       const ws = await openWs(api.url.replace('http', 'ws') + t.json.url);
-      const read = reader(ws);
-      const version = (await read(12)).toString('latin1');
-      assert.match(version, /^RFB 003\.00[378]\n$/);
-      ws.send(Buffer.from('RFB 003.008\n', 'latin1'));
-      const n = (await read(1))[0]!;
-      assert.ok(n > 0, 'server offers security types');
-      const types = [...(await read(n))];
-      assert.ok(types.includes(1), `security None offered (got ${types.join(',')})`);
-      ws.send(Buffer.from([1]));
-      assert.equal((await read(4)).readUInt32BE(0), 0, 'SecurityResult ok');
-      ws.send(Buffer.from([1])); // ClientInit: shared
-      const init = await read(24);
-      const width = init.readUInt16BE(0);
-      const height = init.readUInt16BE(2);
-      const nameLen = init.readUInt32BE(20);
-      const name = (await read(nameLen)).toString('utf8');
+      const { width, height, name } = await rfbHandshake(ws);
       assert.ok(width > 0 && height > 0, `framebuffer ${width}x${height}`);
       assert.match(name, /QEMU/);
       ws.close();

@@ -22,6 +22,8 @@ export interface ApiContext {
   metrics: ApiMetrics;
   /** where local agents keep their state (local fence device, VM VNC sockets) */
   stateRoot: string;
+  /** the node whose agent serves this API (undefined for `corral api` alone) */
+  node?: string;
   nodeNames: string[];
   log: (level: 'info' | 'warn' | 'error', msg: string) => void;
   status(): Promise<StatusData>;

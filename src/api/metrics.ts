@@ -63,6 +63,12 @@ export class ApiMetrics {
     labelNames: ['kind'],
     registers: [this.registry],
   });
+  readonly consoleSessions = new Counter({
+    name: 'corral_console_sessions_total',
+    help: 'console WebSockets opened: local (this host bridged the VNC socket), forwarded (to the API of the node running the VM), refused',
+    labelNames: ['path'],
+    registers: [this.registry],
+  });
   private fenceStarts = new Map<string, number>();
 
   constructor() {

@@ -18,7 +18,7 @@ import { resourceRoutes } from './plugins/resources.js';
 import { eventRoutes } from './plugins/events.js';
 import { configRoutes } from './plugins/config.js';
 import { tokenRoutes } from './plugins/tokens.js';
-import { consoleRoutes, attachConsoleUpgrade, ConsoleTickets } from './plugins/console.js';
+import { consoleRoutes, attachConsoleUpgrade, ConsoleTickets, recordApiEndpoint } from './plugins/console.js';
 import { webRoutes } from './plugins/web.js';
 import { localInfo } from '../cli/local.js';
 
@@ -47,6 +47,11 @@ export interface ApiOptions {
   stateRoot?: string;
   /** host:port to listen on (default: config network.api.listen); port 0 picks one */
   listen?: string;
+  /**
+   * the node whose agent serves this API: its URL is recorded in the store
+   * (/corral/<cluster>/api/<node>) so other API servers forward that node's VM consoles here
+   */
+  node?: string;
   log?: (level: 'info' | 'warn' | 'error', msg: string) => void;
 }
 
@@ -81,6 +86,7 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
     verifier: new TokenVerifier(o.store, cluster),
     metrics,
     stateRoot: o.stateRoot ?? localInfo(o.configPath).stateRoot,
+    node: o.node,
     nodeNames,
     log,
     status,
@@ -107,7 +113,7 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
       reply.elapsedTime / 1000,
     );
   });
-  const tickets = new ConsoleTickets();
+  const tickets = new ConsoleTickets(o.store, k);
   await app.register(clusterRoutes(ctx));
   await app.register(resourceRoutes(ctx));
   await app.register(eventRoutes(ctx));
@@ -130,12 +136,27 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
   const port = typeof addr === 'object' && addr ? addr.port : 0;
   const detach = attachConsoleUpgrade(ctx, app.server, tickets);
   const shownHost = host.includes(':') ? `[${host}]` : host === '0.0.0.0' ? '127.0.0.1' : host;
+  const scheme = tls ? 'https' : 'http';
+  let forget: (() => Promise<void>) | undefined;
+  if (o.node) {
+    // other nodes reach this one at its configured address when it listens on every interface
+    const wildcard = host === '0.0.0.0' || host === '::';
+    const addr = o.config.nodes.find((n) => n.name === o.node)?.address ?? host;
+    const h = wildcard ? addr : host;
+    forget = await recordApiEndpoint(o.store, k, {
+      node: o.node,
+      url: `${scheme}://${h.includes(':') ? `[${h}]` : h}:${port}`,
+      pid: process.pid,
+      sinceMs: Date.now(),
+    });
+  }
   return {
     app,
     ctx,
     port,
-    url: `${tls ? 'https' : 'http'}://${shownHost}:${port}`,
+    url: `${scheme}://${shownHost}:${port}`,
     close: async () => {
+      await forget?.().catch(() => undefined);
       detach();
       await hub.close();
       app.server.closeAllConnections?.();

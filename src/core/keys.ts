@@ -26,6 +26,12 @@ export function keys(cluster: string) {
     statuses: `${p}status/`,
     cleanup: (id: string) => `${p}requests/cleanup/${id}`,
     cleanups: `${p}requests/cleanup/`,
+    /** one-time console tickets by SHA-256 of the ticket (src/api/plugins/console.ts) */
+    consoleTicket: (hash: string) => `${p}console/tickets/${hash}`,
+    consoleTickets: `${p}console/tickets/`,
+    /** where the API server run by a node's agent answers (for console forwarding) */
+    apiEndpoint: (n: string) => `${p}api/${n}`,
+    apiEndpoints: `${p}api/`,
     events: `${p}events/`,
     event: (atMs: number, by: string, seq: number) =>
       `${p}events/${String(atMs).padStart(15, '0')}-${by}-${String(seq).padStart(6, '0')}`,

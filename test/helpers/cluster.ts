@@ -32,6 +32,8 @@ export interface ClusterOptions {
   leaseTtlMs?: number;
   extraTimings?: string;
   watchdog?: boolean;
+  /** more `corral agent` arguments for a node, e.g. ['--api', '127.0.1.1:0'] */
+  agentArgs?: (node: string) => string[];
 }
 
 export class TestCluster {
@@ -103,6 +105,8 @@ export class TestCluster {
       this.stateRoot,
     ];
     if (this.o.watchdog === false) args.push('--no-watchdog');
+    args.push(...(this.o.agentArgs?.(node) ?? []));
+    if (process.env.CORRAL_AGENT_NODE_FLAGS) args.unshift(...process.env.CORRAL_AGENT_NODE_FLAGS.split(' '));
     const child = spawn(process.execPath, args, {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, CORRAL_HOME: join(this.dir, 'home') },

@@ -158,6 +158,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
       configPath,
       stateRoot: opts.stateRoot,
       listen: typeof opts.api === 'string' ? opts.api : undefined,
+      node: me.name,
       log: (level, msg) => env.log(level, `api: ${msg}`),
     });
     api = server;
