@@ -4,11 +4,12 @@
 // Tickets are single use cluster-wide, bound to one VM, and hop tickets are never relayed again.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { connect } from 'node:net';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { TestCluster } from './helpers/cluster.js';
-import { openWs, rfbHandshake } from './helpers/rfb.js';
+import { TestCluster, corralBin } from './helpers/cluster.js';
+import { openWs, rfbHandshake, rfbHandshakeTcp } from './helpers/rfb.js';
 import { createToken } from '../src/api/auth.js';
 import { ApiEndpoint, ConsoleTickets } from '../src/api/plugins/console.js';
 
@@ -105,6 +106,39 @@ describe('console of a VM on another node', { timeout: 240_000, skip }, () => {
       ws('n1', `/api/v1/console/ws?vm=${vmA}&ticket=${hop.token}`),
       /HTTP 403: .*hop ticket .* presented to n1/,
     );
+  });
+
+  it('corral vm console: a ticket through the API, and a local port for a VNC viewer', async () => {
+    const r = c.cli('vm', 'console', vmA, '--url', api.n1!, '--token', op, '--json');
+    assert.equal(r.code, 0, r.stderr);
+    const j = JSON.parse(r.stdout) as { node: string; url: string; page: string };
+    assert.equal(j.node, 'n2');
+    assert.equal(j.page, `${api.n1}/ui/console.html#${vmA}`);
+    const s = await openWs(j.url);
+    assert.match((await rfbHandshake(s)).name, /QEMU/);
+    s.close();
+
+    const cli = spawn(
+      process.execPath,
+      [corralBin, 'vm', 'console', vmA, '--url', api.n1!, '--token', op, '--listen', '127.0.0.1:0', '--once'],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let out = '';
+    cli.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    cli.stderr.on('data', (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((resolve) => cli.on('exit', resolve));
+    try {
+      await c.waitFor('the viewer port', async () => /VNC viewer port 127\.0\.0\.1:\d+/.test(out), 20000);
+      const port = Number(/VNC viewer port 127\.0\.0\.1:(\d+)/.exec(out)![1]);
+      const sock = connect(port, '127.0.0.1');
+      const init = await rfbHandshakeTcp(sock);
+      assert.ok(init.width > 0, out);
+      assert.match(init.name, /QEMU/);
+      sock.destroy();
+      assert.equal(await exited, 0, out);
+    } finally {
+      if (cli.exitCode === null) cli.kill('SIGKILL');
+    }
   });
 
   it("answers 502 when the VM node's API does not answer", async () => {

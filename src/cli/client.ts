@@ -60,8 +60,8 @@ export class ApiClientError extends CorralError {
 export class HttpClient implements CorralClient {
   readonly via: string;
   constructor(
-    private url: string,
-    private token: string,
+    readonly url: string,
+    readonly token: string,
   ) {
     this.url = url.replace(/\/+$/, '');
     this.via = `api ${this.url}`;
@@ -128,6 +128,10 @@ export class HttpClient implements CorralClient {
   async maintenance(node: string, on: boolean): Promise<void> {
     await this.call('POST', `/nodes/${encodeURIComponent(node)}/maintenance`, { on });
   }
+  /** a one-time console ticket for a VM (POST /vms/ID/console); its url is relative to this.url */
+  consoleTicket(id: string): Promise<{ token: string; expiresAtMs: number; url: string; node: string }> {
+    return this.call('POST', `/vms/${encodeURIComponent(id)}/console`);
+  }
   async close(): Promise<void> {}
 }
 
@@ -186,6 +190,11 @@ export class StoreClient implements CorralClient {
 
 /** --url/--token, $CORRAL_URL/$CORRAL_TOKEN, the demo's api.json beside the config, else the store. */
 export async function openClient(opts: ClientOpts): Promise<CorralClient> {
+  return (await openApiClient(opts)) ?? new StoreClient(await openCluster(opts));
+}
+
+/** The API client openClient would use, or undefined when it would go to the store. */
+export async function openApiClient(opts: ClientOpts): Promise<HttpClient | undefined> {
   const url = opts.url ?? process.env.CORRAL_URL;
   const token = opts.token ?? process.env.CORRAL_TOKEN;
   if (url) {
@@ -222,7 +231,7 @@ export async function openClient(opts: ClientOpts): Promise<CorralClient> {
       }
     }
   }
-  return new StoreClient(await openCluster(opts));
+  return undefined;
 }
 
 export async function withClient<T>(opts: ClientOpts, fn: (c: CorralClient) => Promise<T>): Promise<T> {

@@ -1,6 +1,7 @@
 // The client side of a console session for tests: a WebSocket to the console proxy and the RFB
 // handshake (ProtocolVersion, security None, ClientInit, ServerInit) against a real QEMU VNC server.
 import assert from 'node:assert/strict';
+import type { Socket } from 'node:net';
 import { WebSocket } from 'ws';
 
 export const rfbWaitMs = 15000;
@@ -49,19 +50,50 @@ export function openWs(url: string): Promise<WebSocket> {
   });
 }
 
+/** RFB over a console WebSocket (see rfbHandshakeOver). */
+export function rfbHandshake(ws: WebSocket): Promise<{ width: number; height: number; name: string }> {
+  return rfbHandshakeOver(readers.get(ws) ?? reader(ws), (b) => ws.send(b));
+}
+
+/** RFB over a plain TCP connection (what a VNC viewer speaks to `corral vm console --listen`). */
+export function rfbHandshakeTcp(sock: Socket): Promise<{ width: number; height: number; name: string }> {
+  let buf = Buffer.alloc(0);
+  let wake: (() => void) | undefined;
+  sock.on('data', (d: Buffer) => {
+    buf = Buffer.concat([buf, d]);
+    wake?.();
+  });
+  const read = async (n: number): Promise<Buffer> => {
+    const deadline = Date.now() + rfbWaitMs;
+    while (buf.length < n) {
+      if (Date.now() > deadline) throw new Error(`wanted ${n} bytes, have ${buf.length}`);
+      await new Promise<void>((r) => {
+        wake = r;
+        setTimeout(r, 200);
+      });
+    }
+    const out = buf.subarray(0, n);
+    buf = buf.subarray(n);
+    return out;
+  };
+  return rfbHandshakeOver(read, (b) => sock.write(b));
+}
+
 /** Speaks RFB 3.8 up to ServerInit; returns the framebuffer size and the desktop name. */
-export async function rfbHandshake(ws: WebSocket): Promise<{ width: number; height: number; name: string }> {
-  const read = readers.get(ws) ?? reader(ws);
+export async function rfbHandshakeOver(
+  read: (n: number) => Promise<Buffer>,
+  send: (b: Buffer) => void,
+): Promise<{ width: number; height: number; name: string }> {
   const version = (await read(12)).toString('latin1');
   assert.match(version, /^RFB 003\.00[378]\n$/);
-  ws.send(Buffer.from('RFB 003.008\n', 'latin1'));
+  send(Buffer.from('RFB 003.008\n', 'latin1'));
   const n = (await read(1))[0]!;
   assert.ok(n > 0, 'server offers security types');
   const types = [...(await read(n))];
   assert.ok(types.includes(1), `security None offered (got ${types.join(',')})`);
-  ws.send(Buffer.from([1]));
+  send(Buffer.from([1]));
   assert.equal((await read(4)).readUInt32BE(0), 0, 'SecurityResult ok');
-  ws.send(Buffer.from([1])); // ClientInit: shared
+  send(Buffer.from([1])); // ClientInit: shared
   const init = await read(24);
   const width = init.readUInt16BE(0);
   const height = init.readUInt16BE(2);

@@ -20,6 +20,8 @@ import { ResourceSpec } from '../../core/spec.js';
 import { VM_MEMORY_OVERHEAD_MIB, VmDefinition, vmNameProblem, vmResourceInput } from '../../core/vm-spec.js';
 import type { AgentStatus, MigrationProgress, NodeAdmin, ResourceRecord } from '../../core/types.js';
 import { vmPaths } from '../../drivers/qemu-paths.js';
+import { addClientOptions, openApiClient, type ClientOpts } from '../client.js';
+import { vmConsoleViaApi, type ConsoleCliOpts } from '../console.js';
 
 /** how often migrate/drain read the store while following progress */
 export const FOLLOW_POLL_MS = 250;
@@ -513,33 +515,46 @@ export function registerVm(program: Command): void {
       ),
     );
 
-  cmd('console', "where a VM's VNC console is (node and Unix socket)")
-    .argument('<name>')
-    .option('--state-root <dir>', 'state root of the agents (default: local.json or /var/lib/corral)')
-    .option('--json', 'machine-readable output')
-    .action(
-      action((name: string, opts: GlobalOpts & { stateRoot?: string }) =>
-        withCluster(opts, async (c) => {
-          const { spec } = await getVm(c, name);
-          if (!spec.vm?.vnc)
-            throw new CorralError('CORRAL_NO_CONSOLE', `VM ${name} has no VNC console`, 'set `vnc: true`');
-          const rec = await record(c, name);
-          if (!rec?.node || !rec.run)
-            throw new CorralError(
-              'CORRAL_NOT_RUNNING',
-              `VM ${name} is not running`,
-              `corral vm start ${name}`,
-            );
-          const socket = vmPaths(
-            nodeStateDir(localInfo(c.configPath, opts.stateRoot).stateRoot, rec.node),
-            name,
-          ).vncSocket;
-          if (opts.json) printJson({ name, node: rec.node, vncSocket: socket });
-          else process.stdout.write(`${name}: VNC on node ${rec.node}, Unix socket ${socket}\n`);
-          return 0;
-        }),
-      ),
-    );
+  addClientOptions(
+    cmd(
+      'console',
+      "a VM's console: through the API a one-time ticket (--listen: a local port for a VNC viewer), else its node and VNC socket",
+    )
+      .argument('<name>')
+      .option('--state-root <dir>', 'state root of the agents (default: local.json or /var/lib/corral)')
+      .option(
+        '--listen <host:port>',
+        'serve a local port for a VNC viewer (each connection gets a new ticket)',
+      )
+      .option('--once', 'with --listen: stop after the first viewer disconnects')
+      .option('--json', 'machine-readable output'),
+  ).action(
+    action(async (name: string, opts: GlobalOpts & ClientOpts & ConsoleCliOpts & { stateRoot?: string }) => {
+      checkName(name);
+      const api = await openApiClient(opts);
+      if (api) return vmConsoleViaApi(api, name, opts);
+      if (opts.listen)
+        throw new UsageError(
+          '--listen needs the Corral API',
+          'pass --url and --token (or set CORRAL_URL/CORRAL_TOKEN), with `corral api` or an agent run with --api',
+        );
+      return withCluster(opts, async (c) => {
+        const { spec } = await getVm(c, name);
+        if (!spec.vm?.vnc)
+          throw new CorralError('CORRAL_NO_CONSOLE', `VM ${name} has no VNC console`, 'set `vnc: true`');
+        const rec = await record(c, name);
+        if (!rec?.node || !rec.run)
+          throw new CorralError('CORRAL_NOT_RUNNING', `VM ${name} is not running`, `corral vm start ${name}`);
+        const socket = vmPaths(
+          nodeStateDir(localInfo(c.configPath, opts.stateRoot).stateRoot, rec.node),
+          name,
+        ).vncSocket;
+        if (opts.json) printJson({ name, node: rec.node, vncSocket: socket });
+        else process.stdout.write(`${name}: VNC on node ${rec.node}, Unix socket ${socket}\n`);
+        return 0;
+      });
+    }),
+  );
 }
 
 /** Follow a live migration in the store until the target owns the VM, it fails, or time runs out. */
