@@ -274,6 +274,13 @@ export class IdentityStep {
         `is in use (${busy})`,
         'unmount it first: the identity step changes filesystems that must not be in use',
       );
+    if (process.getuid?.() !== 0) {
+      const msg = 'identity: needs root (loop devices, mount): not done; run `corral clone identity` as root';
+      // Only the default machine-id/host-key reset may pass quietly; an explicit request is a problem.
+      if (this.o.newUuids || this.o.hostname) this.problem(msg);
+      else this.note(msg);
+      return this.report;
+    }
     for (const tool of ['losetup', 'blkid', 'mount', 'umount'])
       if (!(await haveTool(tool))) {
         this.note(`identity: skipped, ${tool} is not installed (util-linux/mount)`);
