@@ -7,6 +7,7 @@
 // Throughput per receiver counts the whole image (skipped zero blocks included), as the issue asks.
 //
 //   npx tsx bench/clone.ts [--size-mib 1024] [--receivers 1,2,4] [--rate 1gbit] [--no-udpcast]
+//                          [--only corral,unicast,udpcast]
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,6 +24,7 @@ const opt = (name: string, dflt: string) => {
 const sizeMiB = Number(opt('size-mib', '1024'));
 const counts = opt('receivers', '1,2,4').split(',').map(Number);
 const rate = opt('rate', '1gbit');
+const only = new Set(opt('only', 'corral,unicast,udpcast').split(','));
 const runTimeoutMs = 300_000;
 const MiB = 1024 * 1024;
 const sizeBytes = sizeMiB * MiB;
@@ -226,9 +228,9 @@ async function main(): Promise<void> {
   );
   const rows: { method: string; n: number; s: number }[] = [];
   for (const n of counts) {
-    rows.push({ method: 'corral clone', n, s: await cloneRun(src, n) });
-    rows.push({ method: 'unicast xN', n, s: await unicastRun(src, n) });
-    if (haveUdpcast) rows.push({ method: 'udpcast', n, s: await udpcastRun(src, n) });
+    if (only.has('corral')) rows.push({ method: 'corral clone', n, s: await cloneRun(src, n) });
+    if (only.has('unicast')) rows.push({ method: 'unicast xN', n, s: await unicastRun(src, n) });
+    if (haveUdpcast && only.has('udpcast')) rows.push({ method: 'udpcast', n, s: await udpcastRun(src, n) });
     for (const r of rows.filter((x) => x.n === n))
       process.stderr.write(`  done: ${r.method} n=${r.n} ${r.s.toFixed(2)} s\n`);
   }
@@ -238,9 +240,9 @@ async function main(): Promise<void> {
   );
   for (const r of rows) {
     const udp = rows.find((x) => x.n === r.n && x.method === 'udpcast');
-    const uni = rows.find((x) => x.n === r.n && x.method === 'unicast xN')!;
+    const uni = rows.find((x) => x.n === r.n && x.method === 'unicast xN');
     console.log(
-      `${r.method.padEnd(14)} ${String(r.n).padStart(2)} ${r.s.toFixed(2).padStart(8)} ${mbps(r.s).toFixed(1).padStart(13)} ${lineBps ? `${((sizeBytes / r.s / lineBps) * 100).toFixed(0)}%`.padStart(8) : ''} ${(udp ? `${(udp.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${`${(uni.s / r.s).toFixed(2)}x`.padStart(10)}`,
+      `${r.method.padEnd(14)} ${String(r.n).padStart(2)} ${r.s.toFixed(2).padStart(8)} ${mbps(r.s).toFixed(1).padStart(13)} ${lineBps ? `${((sizeBytes / r.s / lineBps) * 100).toFixed(0)}%`.padStart(8) : ''} ${(udp ? `${(udp.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${(uni ? `${(uni.s / r.s).toFixed(2)}x` : '-').padStart(10)}`,
     );
   }
   console.log('(ratios: how many times faster than the peer; > 1 is better)');

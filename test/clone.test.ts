@@ -16,7 +16,14 @@ import {
   slowReceiver,
   type LagView,
 } from '../src/provision/clone/chain.js';
-import { FrameParser, FrameType, encodeFrame, type Frame } from '../src/provision/clone/protocol.js';
+import {
+  FrameParser,
+  FrameType,
+  encodeFrame,
+  payloadBuffer,
+  type Frame,
+} from '../src/provision/clone/protocol.js';
+import { digestRange } from '../src/provision/clone/digest.js';
 import { corral, exitWithin, killAll, makeImage, type Proc } from '../src/provision/clone/testing.js';
 
 const MiB = 1024 * 1024;
@@ -64,10 +71,10 @@ async function sameBytes(a: string, b: string): Promise<boolean> {
 describe('clone wire format', () => {
   test('frames survive any split of the byte stream', () => {
     const frames: Frame[] = [
-      { type: FrameType.header, flags: 0, offset: 0, lengthBytes: 0, payload: Buffer.from('{"a":1}') },
-      { type: FrameType.data, flags: 0, offset: 0, lengthBytes: 5000, payload: Buffer.alloc(5000, 7) },
-      { type: FrameType.zero, flags: 0, offset: 5000, lengthBytes: 1 << 20, payload: Buffer.alloc(0) },
-      { type: FrameType.end, flags: 0, offset: 2 ** 40, lengthBytes: 0, payload: Buffer.alloc(0) },
+      { type: FrameType.header, flags: 0, offset: 0, lengthBytes: 0, payload: [Buffer.from('{"a":1}')] },
+      { type: FrameType.data, flags: 0, offset: 0, lengthBytes: 5000, payload: [Buffer.alloc(5000, 7)] },
+      { type: FrameType.zero, flags: 0, offset: 5000, lengthBytes: 1 << 20, payload: [] },
+      { type: FrameType.end, flags: 0, offset: 2 ** 40, lengthBytes: 0, payload: [] },
     ];
     const bytes = Buffer.concat(frames.flatMap(encodeFrame));
     for (const step of [1, 3, 24, 25, 4096, bytes.length]) {
@@ -79,7 +86,7 @@ describe('clone wire format', () => {
         assert.equal(g.type, frames[i]!.type);
         assert.equal(g.offset, frames[i]!.offset);
         assert.equal(g.lengthBytes, frames[i]!.lengthBytes);
-        assert.ok(g.payload.equals(frames[i]!.payload));
+        assert.ok(payloadBuffer(g).equals(payloadBuffer(frames[i]!)));
       });
     }
   });
@@ -234,12 +241,22 @@ export function finalStatus(server: Proc): FinalStatus {
 describe('clone over loopback (real processes)', () => {
   const src = join(dir, 'golden.img');
   let srcSha = '';
+  /** The stream checksum (per-chunk SHA-256, digest.ts) that serve and the receivers report. */
+  let srcDigest = '';
   const sizeBytes = 64 * MiB;
 
   test('prepare a 64 MiB image, half zero blocks', async () => {
     await makeImage(src, sizeBytes, 7);
     srcSha = await sha256File(src);
+    const fh = await open(src, 'r');
+    srcDigest = (await digestRange(fh, sizeBytes, MiB)).digest();
+    await fh.close();
     assert.equal(statSync(src).size, sizeBytes);
+    // `corral clone digest` prints the same checksum.
+    const d = corral(['clone', 'digest', src]);
+    assert.equal(await exitWithin(d, 30_000), 0, d.stderr());
+    assert.equal(d.stdout().split(' ')[0], srcDigest);
+    assert.notEqual(srcDigest, srcSha);
   });
 
   for (const n of [1, 3, 5]) {
@@ -259,11 +276,11 @@ describe('clone over loopback (real processes)', () => {
           [...s.receivers.values()].map((p) => p.stderr()).join('\n'),
         );
         const st = finalStatus(s.server);
-        assert.equal(st.sha256, srcSha);
+        assert.equal(st.sha256, srcDigest);
         for (const name of names) {
           const r = st.receivers.find((x) => x.name === name)!;
           assert.equal(r.state, 'verified');
-          assert.equal(r.sha256, srcSha);
+          assert.equal(r.sha256, srcDigest);
           assert.ok(await sameBytes(src, targetOf(name)), `${name} differs from the source`);
           // Zero blocks were skipped: the target file is sparse (about half allocated).
           const allocated = statSync(targetOf(name)).blocks * 512;

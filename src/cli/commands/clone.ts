@@ -6,6 +6,13 @@ import { CloneUnreachableError } from '../../provision/clone/errors.js';
 import { limits as protocolLimits, newSecret } from '../../provision/clone/protocol.js';
 import { defaultReceiverLimits, runReceiver } from '../../provision/clone/receiver.js';
 import { defaultServerLimits, runServer, type ServerStatus } from '../../provision/clone/server.js';
+import {
+  addReceiveStreamOptions,
+  addServeStreamOptions,
+  receiveStreamOptions,
+  registerCloneDigest,
+  serveStreamOptions,
+} from './clone-stream.js';
 import { fmtBytes, fmtRate } from '../../provision/clone/progress.js';
 import {
   applyDesc,
@@ -211,6 +218,7 @@ export function registerClone(program: Command): void {
           host: o.host,
           port: int('--port', o.port, 0, 65535)!,
           secret,
+          ...(await serveStreamOptions(o)),
           waitMs: int('--timeout-ms', o.timeoutMs, 1)!,
           chunkBytes,
           compress,
@@ -262,6 +270,7 @@ export function registerClone(program: Command): void {
           name,
           target: o.target,
           secret,
+          ...(await receiveStreamOptions(o)),
           dataHost: o.advertise ?? null,
           dataPort: int('--data-port', o.dataPort, 0, 65535)!,
           stateFile: o.stateFile ?? null,
@@ -302,6 +311,9 @@ export function registerClone(program: Command): void {
         else printStatusTable(body);
       }),
     );
+  addServeStreamOptions(clone.commands.find((c) => c.name() === 'serve')!);
+  addReceiveStreamOptions(clone.commands.find((c) => c.name() === 'receive')!);
+  registerCloneDigest(clone);
 
   clone
     .command('desc')

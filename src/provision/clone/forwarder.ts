@@ -3,8 +3,11 @@
 //
 // Data comes from a bounded ring of the frames most recently received (forwarded as they came,
 // compressed or not) or, when the ring no longer holds them (a resume after a re-route, a slow
-// downstream), is read back from the local volume. Memory stays bounded whatever the lag; the
-// receiving side applies back-pressure on top (see receiver.ts, forwardLagMaxBytes).
+// downstream), is read back from the local volume (source-reader.ts: read-ahead, zero runs as one
+// record). Memory stays bounded whatever the lag; the receiving side applies back-pressure on top
+// (see receiver.ts, forwardLagMaxBytes). Frames are written corked (header and payload together)
+// and up to sendQueueMaxBytes are queued on the socket before waiting for it to drain, so the
+// kernel always has the next frame while this one is on the wire. ACKs are asynchronous.
 import type { FileHandle } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { promisify } from 'node:util';
@@ -13,16 +16,20 @@ import {
   FrameParser,
   FrameType,
   LinkHello,
-  encodeFrame,
+  bareFrame,
   frameFlagDeflate,
   frameFlagFinal,
   jsonFrame,
   linkMac,
+  payloadBuffer,
+  payloadBytes,
+  writeFrame,
   type Frame,
   type Route,
   type StreamHeader,
 } from './protocol.js';
-import { isAllZero, readFully } from './volume.js';
+import { ChunkReader, type UsedMap } from './source-reader.js';
+import { connectLinkTls } from './tls.js';
 
 const deflateRaw = promisify(deflateRawCb);
 
@@ -33,6 +40,8 @@ export const forwarderLimits = {
   linkRetryDelayMs: 200,
   /** Waiting for the downstream's final ACK after END. */
   endAckTimeoutMs: 120_000,
+  /** Bytes queued on the socket (beyond the kernel's buffer) before waiting for it to drain. */
+  sendQueueMaxBytes: 4 * 1024 * 1024,
 } as const;
 
 export function sleep(ms: number): Promise<void> {
@@ -60,10 +69,10 @@ export class FrameRing {
   put(f: Frame): void {
     if (this.frames.has(f.offset)) return;
     this.frames.set(f.offset, f);
-    this.bytes += f.payload.length;
+    this.bytes += payloadBytes(f);
     while (this.bytes > this.maxBytes && this.frames.size > 1) {
       const oldest = this.frames.keys().next().value as number;
-      this.bytes -= this.frames.get(oldest)!.payload.length;
+      this.bytes -= payloadBytes(this.frames.get(oldest)!);
       this.frames.delete(oldest);
     }
   }
@@ -100,6 +109,10 @@ export interface ForwarderOptions {
   /** Notified whenever available() grows. */
   written: Pulse;
   ring: FrameRing | null;
+  /** The source's used-block map (server only): unused blocks travel as zeros. */
+  used: UsedMap | null;
+  /** TLS-PSK key for the link (--tls), or null for plain TCP. */
+  linkPsk: Buffer | null;
   throttleBps: number | null;
   log: (msg: string) => void;
   /** The link to the downstream could not be (re)established after the bounded attempts. */
@@ -174,13 +187,17 @@ export class Forwarder {
 
   private async streamOnce(route: Route, linkId: number): Promise<void> {
     const { header } = this.o;
-    const sock = await connectTcp(route.host, route.port, forwarderLimits.connectTimeoutMs);
+    const sock = this.o.linkPsk
+      ? await connectLinkTls(route.host, route.port, this.o.linkPsk, forwarderLimits.connectTimeoutMs)
+      : await connectTcp(route.host, route.port, forwarderLimits.connectTimeoutMs);
     if (this.linkId !== linkId) {
       sock.destroy();
       return;
     }
     this.sock = sock;
-    sock.setNoDelay(true);
+    // Bulk data: frames are written corked, Nagle only merges what would be tiny packets anyway.
+    sock.setNoDelay(false);
+    const reader = new ChunkReader(this.o.fh, header.chunkBytes, header.sizeBytes, this.o.used);
     const parser = new FrameParser();
     let ready: Frame | null = null;
     let finalAck = false;
@@ -216,9 +233,9 @@ export class Forwarder {
       if (closedErr) throw closedErr;
     };
     const write = async (f: Frame) => {
-      let ok = true;
-      for (const part of encodeFrame(f)) ok = sock.write(part) && ok;
-      if (!ok) await Promise.race([new Promise((r) => sock.once('drain', r)), closed]);
+      writeFrame(sock, f);
+      if (sock.writableLength > forwarderLimits.sendQueueMaxBytes)
+        await Promise.race([new Promise((r) => sock.once('drain', r)), closed]);
       alive();
     };
 
@@ -241,7 +258,7 @@ export class Forwarder {
       }
       const r = ready as Frame;
       if (r.type === FrameType.reject)
-        throw new Error(`${route.to} refused the link: ${r.payload.toString()}`);
+        throw new Error(`${route.to} refused the link: ${payloadBuffer(r).toString()}`);
       let off = Math.min(r.offset, header.sizeBytes);
       this.sentBytes = off;
       this.ackBytes = Math.max(this.ackBytes, off);
@@ -257,25 +274,19 @@ export class Forwarder {
           await Promise.race([this.o.written.wait(), this.wake.wait(), closed]);
           continue;
         }
-        const f = await this.frameAt(off, avail);
+        const f = await this.frameAt(reader, off, avail);
         alive();
         await write(f);
         off += f.lengthBytes;
         this.sentBytes = off;
-        this.totalSentBytes += f.payload.length;
+        this.totalSentBytes += payloadBytes(f);
         if (this.o.throttleBps) {
           throttledBytes += f.lengthBytes;
           const dueMs = (throttledBytes / this.o.throttleBps) * 1000 - (Date.now() - startMs);
           if (dueMs > 0) await sleep(dueMs);
         }
       }
-      await write({
-        type: FrameType.end,
-        flags: 0,
-        offset: header.sizeBytes,
-        lengthBytes: 0,
-        payload: Buffer.alloc(0),
-      });
+      await write(bareFrame(FrameType.end, header.sizeBytes));
       const endDeadline = Date.now() + forwarderLimits.endAckTimeoutMs;
       while (!finalAck) {
         alive();
@@ -288,19 +299,15 @@ export class Forwarder {
     }
   }
 
-  private async frameAt(off: number, avail: number): Promise<Frame> {
+  private async frameAt(reader: ChunkReader, off: number, avail: number): Promise<Frame> {
     const cached = this.o.ring?.get(off);
     if (cached && off + cached.lengthBytes <= avail) return cached;
-    const n = Math.min(this.o.header.chunkBytes, avail - off);
-    const buf = Buffer.allocUnsafe(n);
-    await readFully(this.o.fh, buf, off);
-    if (isAllZero(buf))
-      return { type: FrameType.zero, flags: 0, offset: off, lengthBytes: n, payload: Buffer.alloc(0) };
-    if (this.o.header.compress === 'deflate') {
+    const f = await reader.frame(off, avail);
+    if (f.type === FrameType.data && this.o.header.compress === 'deflate') {
+      const buf = f.payload[0]!;
       const c = await deflateRaw(buf, { level: 1, strategy: zc.Z_DEFAULT_STRATEGY });
-      if (c.length < n)
-        return { type: FrameType.data, flags: frameFlagDeflate, offset: off, lengthBytes: n, payload: c };
+      if (c.length < buf.length) return { ...f, flags: frameFlagDeflate, payload: [c] };
     }
-    return { type: FrameType.data, flags: 0, offset: off, lengthBytes: n, payload: buf };
+    return f;
   }
 }

@@ -12,7 +12,8 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import { CloneProtocolError } from './errors.js';
 
-export const protocolVersion = 1;
+/** 2: the checksum is per-chunk (digest.ts), payloads may arrive in parts, links may run over TLS. */
+export const protocolVersion = 2;
 
 // ---- limits (named bounds, STYLE habit 6) ----
 export const limits = {
@@ -50,7 +51,24 @@ export interface Frame {
   offset: number;
   /** Logical bytes covered (DATA/ZERO); 0 otherwise. */
   lengthBytes: number;
-  payload: Buffer;
+  /** The payload, in the pieces it arrived in (never copied into one buffer on the hot path). */
+  payload: Buffer[];
+}
+
+export function payloadBytes(f: Frame): number {
+  let n = 0;
+  for (const p of f.payload) n += p.length;
+  return n;
+}
+
+/** The payload as one buffer (control frames, inflating): copies only when it arrived in pieces. */
+export function payloadBuffer(f: Frame): Buffer {
+  if (f.payload.length === 0) return Buffer.alloc(0);
+  return f.payload.length === 1 ? f.payload[0]! : Buffer.concat(f.payload);
+}
+
+export function bareFrame(type: FrameTypeCode, offset: number, flags = 0): Frame {
+  return { type, flags, offset, lengthBytes: 0, payload: [] };
 }
 
 const validTypes = new Set<number>(Object.values(FrameType));
@@ -67,15 +85,29 @@ export function encodeFrameHeader(f: Omit<Frame, 'payload'>, payloadBytes: numbe
 
 /** Header and payload as separate buffers (no copy of the payload). */
 export function encodeFrame(f: Frame): Buffer[] {
-  const h = encodeFrameHeader(f, f.payload.length);
-  return f.payload.length > 0 ? [h, f.payload] : [h];
+  return [encodeFrameHeader(f, payloadBytes(f)), ...f.payload];
+}
+
+/** Writes a frame as one unit (corked: the header never goes out as a packet of its own). */
+export function writeFrame(
+  sock: { cork(): void; uncork(): void; write(b: Buffer): boolean },
+  f: Frame,
+): boolean {
+  sock.cork();
+  let ok = true;
+  for (const part of encodeFrame(f)) ok = sock.write(part) && ok;
+  sock.uncork();
+  return ok;
 }
 
 export function jsonFrame(type: FrameTypeCode, value: unknown, offset = 0): Frame {
-  return { type, flags: 0, offset, lengthBytes: 0, payload: Buffer.from(JSON.stringify(value)) };
+  return { type, flags: 0, offset, lengthBytes: 0, payload: [Buffer.from(JSON.stringify(value))] };
 }
 
-/** Incremental frame parser: push socket chunks, get whole frames. Copies each byte at most once. */
+/**
+ * Incremental frame parser: push socket chunks, get whole frames. Payload bytes are never copied:
+ * a frame's payload is the list of socket chunks (or slices of them) it arrived in.
+ */
 export class FrameParser {
   private chunks: Buffer[] = [];
   private bufferedBytes = 0;
@@ -109,13 +141,34 @@ export class FrameParser {
         this.pendingPayloadBytes = payloadBytes;
       }
       if (this.bufferedBytes < this.pendingPayloadBytes) break;
-      const payload = this.pendingPayloadBytes > 0 ? this.take(this.pendingPayloadBytes) : Buffer.alloc(0);
+      const payload = this.pendingPayloadBytes > 0 ? this.takeParts(this.pendingPayloadBytes) : [];
       out.push({ ...this.pending, payload });
       this.pending = null;
     }
     return out;
   }
 
+  /** n bytes as slices of the buffered chunks (no copy). */
+  private takeParts(n: number): Buffer[] {
+    const parts: Buffer[] = [];
+    let left = n;
+    while (left > 0) {
+      const c = this.chunks[0]!;
+      if (c.length <= left) {
+        parts.push(c);
+        this.chunks.shift();
+        left -= c.length;
+      } else {
+        parts.push(c.subarray(0, left));
+        this.chunks[0] = c.subarray(left);
+        left = 0;
+      }
+    }
+    this.bufferedBytes -= n;
+    return parts;
+  }
+
+  /** n bytes as one buffer (frame headers: copies only when they straddle two chunks). */
   private take(n: number): Buffer {
     const first = this.chunks[0]!;
     if (first.length >= n) {

@@ -2,7 +2,6 @@
 //
 // Order of checks: the server must prove the secret (welcome MAC) and the stream header must fit the
 // target before the target is even opened for writing. Every data link re-checks the header.
-import { createHash, type Hash } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
 import { open, readFile, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -10,6 +9,7 @@ import { promisify } from 'node:util';
 import { inflateRaw as inflateRawCb } from 'node:zlib';
 import { z } from 'zod';
 import { ControlConn } from './control.js';
+import { ChunkedDigest, digestRange } from './digest.js';
 import { CloneRefusedError, CloneTargetError, CloneUnreachableError } from './errors.js';
 import { Forwarder, FrameRing, Pulse, connectTcp, sleep } from './forwarder.js';
 import {
@@ -18,7 +18,7 @@ import {
   LinkHello,
   StreamHeader,
   ToReceiver,
-  encodeFrame,
+  bareFrame,
   frameFlagDeflate,
   frameFlagFinal,
   helloMac,
@@ -26,14 +26,18 @@ import {
   linkMac,
   macEqual,
   newNonce,
+  payloadBuffer,
+  payloadBytes,
   protocolVersion,
   sameStream,
   welcomeMac,
+  writeFrame,
   type Frame,
   type ToServer,
 } from './protocol.js';
 import { ProgressLine, RateMeter, fmtBytes, fmtEta, fmtRate } from './progress.js';
-import { hashInto, volumeInfo, writeFully, zeros } from './volume.js';
+import { connectControlTls, createLinkTlsServer, linkPsk, type ClientTls } from './tls.js';
+import { volumeInfo, writeFully, writevFully, zeros } from './volume.js';
 
 const inflateRaw = promisify(inflateRawCb);
 
@@ -89,6 +93,8 @@ export interface ReceiverOptions {
   targetZeroed: boolean;
   /** Testing and demos: cap this receiver's write rate. */
   throttleBps: number | null;
+  /** --tls-fingerprint / --tls-ca: the control connection runs over TLS, and so do the data links. */
+  tls: ClientTls | null;
   limits: ReceiverLimits;
   quiet: boolean;
 }
@@ -140,7 +146,8 @@ export class Receiver {
   private readonly progress: ProgressLine;
   private header: StreamHeader | null = null;
   private fh: FileHandle | null = null;
-  private hash: Hash = createHash('sha256');
+  private hash: ChunkedDigest | null = null;
+  private checkpointing: Promise<void> | null = null;
   private writtenBytes = 0;
   private resumedFromBytes = 0;
   private lastCheckpointBytes = 0;
@@ -213,7 +220,9 @@ export class Receiver {
 
   private listenData(): Promise<number> {
     return new Promise((resolve, reject) => {
-      const srv = createServer((sock) => this.onDataConnection(sock));
+      const srv = this.o.tls
+        ? createLinkTlsServer(linkPsk(this.o.secret, this.o.session), (sock) => this.onDataConnection(sock))
+        : createServer((sock) => this.onDataConnection(sock));
       srv.once('error', (err) =>
         reject(new CloneTargetError(`--data-port ${this.o.dataPort}`, `cannot listen: ${err.message}`)),
       );
@@ -232,8 +241,11 @@ export class Receiver {
     let lastErr = '';
     for (let i = 0; i < this.o.limits.connectAttemptsMax && !sock; i++) {
       try {
-        sock = await connectTcp(this.o.serverHost, this.o.serverPort, 3000);
+        sock = this.o.tls
+          ? await connectControlTls(this.o.serverHost, this.o.serverPort, this.o.tls, 3000)
+          : await connectTcp(this.o.serverHost, this.o.serverPort, 3000);
       } catch (err) {
+        if (err instanceof CloneRefusedError) throw err;
         lastErr = (err as Error).message;
         await sleep(this.o.limits.connectRetryDelayMs);
       }
@@ -277,7 +289,9 @@ export class Receiver {
           ? 'use the secret printed by `corral clone serve` (--secret-file on both sides)'
           : reply.code === 'session'
             ? 'give the session name the server was started with (--session)'
-            : undefined,
+            : reply.code === 'tls'
+              ? 'give --tls-fingerprint FP (printed by `corral clone serve --tls`) or --tls-ca FILE'
+              : undefined,
       );
     }
     if (reply.t !== 'welcome')
@@ -304,6 +318,7 @@ export class Receiver {
       );
     }
     this.header = h;
+    this.hash ??= new ChunkedDigest(h.chunkBytes);
     return h;
   }
 
@@ -325,7 +340,7 @@ export class Receiver {
     this.sparseTarget = !isBlockDevice || this.o.targetZeroed;
     if (resumeBytes > 0) {
       this.log(`resuming from ${fmtBytes(resumeBytes)} (rehashing what is already written)`);
-      await hashInto(this.hash, this.fh, resumeBytes, h.chunkBytes);
+      await digestRange(this.fh, resumeBytes, h.chunkBytes, this.hash!);
       if (!isBlockDevice) await this.fh.truncate(h.sizeBytes);
     } else if (!isBlockDevice) {
       await this.fh.truncate(0);
@@ -347,6 +362,8 @@ export class Receiver {
       available: () => this.writtenBytes,
       written: this.written,
       ring: this.ring,
+      used: null,
+      linkPsk: this.o.tls ? linkPsk(this.o.secret, h.session) : null,
       throttleBps: null,
       log: (m) => this.log(m),
       onLinkFailed: (to, reason) => this.control?.send({ t: 'link-failed', to, reason } satisfies ToServer),
@@ -458,7 +475,7 @@ export class Receiver {
           continue;
         }
         this.queue.push({ connId: conn.connId, f });
-        this.queuedBytes += f.payload.length;
+        this.queuedBytes += payloadBytes(f);
       }
       if (this.queuedBytes > this.o.limits.inQueueMaxBytes) sock.pause();
       void this.processQueue();
@@ -466,7 +483,7 @@ export class Receiver {
   }
 
   private reject(sock: Socket, reason: string): null {
-    for (const p of encodeFrame(jsonFrame(FrameType.reject, { reason }))) sock.write(p);
+    writeFrame(sock, jsonFrame(FrameType.reject, { reason }));
     sock.end();
     return null;
   }
@@ -480,7 +497,7 @@ export class Receiver {
     if (!this.targetReady) return this.reject(sock, 'target not ready yet');
     let hello: LinkHello;
     try {
-      hello = LinkHello.parse(JSON.parse(f.payload.toString()));
+      hello = LinkHello.parse(JSON.parse(payloadBuffer(f).toString()));
     } catch {
       return this.reject(sock, 'bad HELLO');
     }
@@ -499,14 +516,7 @@ export class Receiver {
       while (this.processing) await this.idle.wait();
       this.dropStale();
       if (this.upstream !== conn) return;
-      for (const p of encodeFrame({
-        type: FrameType.ready,
-        flags: 0,
-        offset: this.writtenBytes,
-        lengthBytes: 0,
-        payload: Buffer.alloc(0),
-      }))
-        sock.write(p);
+      writeFrame(sock, bareFrame(FrameType.ready, this.writtenBytes));
       this.lastAckBytes = this.writtenBytes;
       sock.resume();
     })();
@@ -516,7 +526,7 @@ export class Receiver {
   private dropStale(): void {
     const cur = this.upstream?.connId ?? -1;
     const keep = this.queue.filter((q) => q.connId === cur);
-    for (const q of this.queue) if (q.connId !== cur) this.queuedBytes -= q.f.payload.length;
+    for (const q of this.queue) if (q.connId !== cur) this.queuedBytes -= payloadBytes(q.f);
     this.queue = keep;
   }
 
@@ -526,7 +536,7 @@ export class Receiver {
     try {
       while (this.queue.length > 0 && !this.stopped) {
         const { connId, f } = this.queue.shift()!;
-        this.queuedBytes -= f.payload.length;
+        this.queuedBytes -= payloadBytes(f);
         const conn = this.upstream;
         if (!conn || conn.connId !== connId) continue;
         try {
@@ -561,7 +571,7 @@ export class Receiver {
     if (f.type === FrameType.header) {
       let got: StreamHeader;
       try {
-        got = StreamHeader.parse(JSON.parse(f.payload.toString()));
+        got = StreamHeader.parse(JSON.parse(payloadBuffer(f).toString()));
       } catch {
         throw new Error('bad stream header');
       }
@@ -590,28 +600,35 @@ export class Receiver {
     await this.waitForwardLag();
     const skip = this.writtenBytes - f.offset;
     if (f.type === FrameType.data) {
-      let payload = f.payload;
-      if (f.flags & frameFlagDeflate) payload = await inflateRaw(payload);
-      if (payload.length !== f.lengthBytes)
-        throw new Error(`frame at ${f.offset}: ${payload.length} bytes, header says ${f.lengthBytes}`);
-      const part = skip > 0 ? payload.subarray(skip) : payload;
-      await writeFully(this.fh!, part, this.writtenBytes);
-      this.hash.update(part);
+      let parts = f.payload;
+      if (f.flags & frameFlagDeflate) parts = [await inflateRaw(payloadBuffer(f))];
+      let got = 0;
+      for (const p of parts) got += p.length;
+      if (got !== f.lengthBytes)
+        throw new Error(`frame at ${f.offset}: ${got} bytes, header says ${f.lengthBytes}`);
+      if (skip > 0) parts = sliceParts(parts, skip);
+      await writevFully(this.fh!, parts, this.writtenBytes);
+      for (const p of parts) this.hash!.update(p);
     } else {
       const n = f.lengthBytes - skip;
-      for (let done = 0; done < n;) {
-        const piece = zeros(Math.min(h.chunkBytes, n - done));
-        if (!this.sparseTarget) await writeFully(this.fh!, piece, this.writtenBytes + done);
-        this.hash.update(piece);
-        done += piece.length;
-      }
+      if (!this.sparseTarget)
+        for (let done = 0; done < n;) {
+          const piece = zeros(Math.min(h.chunkBytes, n - done));
+          await writeFully(this.fh!, piece, this.writtenBytes + done);
+          done += piece.length;
+        }
+      this.hash!.zeros(n);
     }
     this.writtenBytes = end;
     if (skip === 0) this.ring.put(f);
     this.written.notify();
     if (this.writtenBytes - this.lastAckBytes >= this.o.limits.ackEveryBytes) this.ack(conn.sock);
-    if (this.writtenBytes - this.lastCheckpointBytes >= this.o.limits.checkpointEveryBytes)
-      await this.checkpoint();
+    // The rejoin point is synced in the background: writing goes on meanwhile (one sync at a time).
+    if (
+      this.writtenBytes - this.lastCheckpointBytes >= this.o.limits.checkpointEveryBytes &&
+      !this.checkpointing
+    )
+      this.checkpointing = this.checkpoint().finally(() => (this.checkpointing = null));
     if (this.o.throttleBps) {
       if (this.throttleStartMs === 0) this.throttleStartMs = Date.now();
       this.throttledBytes += f.lengthBytes;
@@ -623,33 +640,33 @@ export class Receiver {
   private ack(sock: Socket, final = false): void {
     this.lastAckBytes = this.writtenBytes;
     if (sock.destroyed) return;
-    for (const p of encodeFrame({
-      type: FrameType.ack,
-      flags: final ? frameFlagFinal : 0,
-      offset: this.writtenBytes,
-      lengthBytes: 0,
-      payload: Buffer.alloc(0),
-    }))
-      sock.write(p);
+    writeFrame(sock, bareFrame(FrameType.ack, this.writtenBytes, final ? frameFlagFinal : 0));
   }
 
   private async checkpoint(): Promise<void> {
     const h = this.header!;
-    await this.fh!.datasync();
-    this.lastCheckpointBytes = this.writtenBytes;
-    await writeResumeState(this.stateFile, {
-      session: h.session,
-      sha256: h.sha256,
-      sizeBytes: h.sizeBytes,
-      verifiedBytes: this.writtenBytes,
-    }).catch((err: Error) => this.log(`cannot write the rejoin point ${this.stateFile}: ${err.message}`));
+    // Everything below this offset was written before the sync started: it is on disk after it.
+    const upTo = this.writtenBytes;
+    this.lastCheckpointBytes = upTo;
+    try {
+      await this.fh!.datasync();
+      await writeResumeState(this.stateFile, {
+        session: h.session,
+        sha256: h.sha256,
+        sizeBytes: h.sizeBytes,
+        verifiedBytes: upTo,
+      });
+    } catch (err) {
+      this.log(`cannot write the rejoin point ${this.stateFile}: ${(err as Error).message}`);
+    }
   }
 
   private async finalize(): Promise<void> {
     if (this.final) return;
     const h = this.header!;
+    await this.checkpointing;
     await this.fh!.datasync();
-    const sha256 = this.hash.digest('hex');
+    const sha256 = this.hash!.digest();
     this.final = {
       ok: sha256 === h.sha256,
       sha256,
@@ -677,6 +694,21 @@ export class Receiver {
       writtenBytes: f.writtenBytes,
     } satisfies ToServer);
   }
+}
+
+/** The parts with the first skip bytes dropped. */
+function sliceParts(parts: Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  let left = skip;
+  for (const p of parts) {
+    if (left >= p.length) {
+      left -= p.length;
+      continue;
+    }
+    out.push(left > 0 ? p.subarray(left) : p);
+    left = 0;
+  }
+  return out;
 }
 
 export function runReceiver(o: ReceiverOptions): Promise<ReceiverResult> {

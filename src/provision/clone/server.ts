@@ -33,7 +33,10 @@ import {
   type ToReceiver,
 } from './protocol.js';
 import { ProgressLine, RateMeter, fmtBytes, fmtEta, fmtRate } from './progress.js';
-import { currentSourceBytes, hashRange, openSource, type SourceVolume } from './volume.js';
+import { ChunkReader, streamDigest, type UsedMap } from './source-reader.js';
+import { acceptControlTls, linkPsk, type ServerTls } from './tls.js';
+import { usedBlockMap } from './used-blocks.js';
+import { currentSourceBytes, openSource, type SourceVolume } from './volume.js';
 
 export interface ServerLimits {
   /** No heartbeat (or no progress while data was available) for this long: the receiver is cut out. */
@@ -78,6 +81,10 @@ export interface ServerOptions {
   waitMs: number;
   chunkBytes: number;
   compress: 'none' | 'deflate';
+  /** Send only the blocks the filesystem uses (partclone), when it can tell; else every non-zero block. */
+  usedBlocks: boolean;
+  /** --tls: the control port and every chain link run over TLS. */
+  tls: ServerTls | null;
   throttleBps: number | null;
   limits: ServerLimits;
   quiet: boolean;
@@ -135,6 +142,9 @@ export interface ServerStatus {
   sizeBytes: number;
   sha256: string | null;
   state: 'hashing' | 'waiting' | 'streaming' | 'finished';
+  tls: boolean;
+  /** With a used-block map (partclone): the filesystem, and the bytes it uses (the rest is sent as zeros). */
+  usedBlocks: { fs: string; usedBytes: number } | null;
   expect: number;
   chain: string[];
   elapsedMs: number;
@@ -170,6 +180,7 @@ export class CloneServer {
   private failed: ((e: Error) => void) | null = null;
   private readonly serverRate = new RateMeter();
   private sourceProblem: string | null = null;
+  private used: UsedMap | null = null;
 
   constructor(o: ServerOptions) {
     this.o = o;
@@ -192,8 +203,19 @@ export class CloneServer {
         `listening on ${this.o.host}:${port}, session '${this.o.session}', source ${this.o.source} (${fmtBytes(src.sizeBytes)}), expecting ${this.o.expect} receiver(s)`,
       );
       this.o.onListening?.(port);
+      if (this.o.usedBlocks) {
+        this.used = await usedBlockMap(this.o.source, src.sizeBytes, (m) => this.log(m));
+        if (this.used)
+          this.log(
+            `${this.used.fs} filesystem: sending the ${fmtBytes(this.used.usedBytes)} it uses of ${fmtBytes(src.sizeBytes)} (partclone's block map); unused blocks arrive as zeros`,
+          );
+      }
       const t0 = Date.now();
-      const sha256 = await hashRange(src.fh, src.sizeBytes, 4 * 1024 * 1024);
+      const sha256 = await streamDigest(
+        new ChunkReader(src.fh, this.o.chunkBytes, src.sizeBytes, this.used),
+        src.sizeBytes,
+        this.o.chunkBytes,
+      );
       this.header = {
         v: protocolVersion,
         session: this.o.session,
@@ -239,12 +261,27 @@ export class CloneServer {
 
   // ---- connections: sniff HTTP (status) or the control preamble ----
 
-  private onConnection(sock: Socket): void {
+  private onConnection(sock: Socket, remote = sock.remoteAddress, secure = false): void {
     sock.on('error', () => undefined);
     const t = setTimeout(() => sock.destroy(), this.o.limits.helloTimeoutMs);
     let buf = Buffer.alloc(0);
     const onData = (d: Buffer) => {
       buf = Buffer.concat([buf, d]);
+      if (!secure && buf[0] === 0x16) {
+        // A TLS ClientHello.
+        sock.off('data', onData);
+        clearTimeout(t);
+        if (!this.o.tls) {
+          this.log(`refused a TLS connection from ${remote}: this session runs without --tls`);
+          sock.destroy();
+          return;
+        }
+        sock.pause();
+        const tlsSock = acceptControlTls(sock, buf, this.o.tls);
+        tlsSock.on('error', () => sock.destroy());
+        this.onConnection(tlsSock, remote, true);
+        return;
+      }
       const text = buf.toString('latin1');
       if (/^(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) /.test(text)) {
         if (text.includes('\r\n\r\n')) {
@@ -267,9 +304,14 @@ export class CloneServer {
         );
         return;
       }
+      if (this.o.tls && !secure) {
+        this.log(`refused ${remote}: a receiver without TLS on a --tls session`);
+        sock.end(`${JSON.stringify({ t: 'refused', code: 'tls', reason: 'this session runs over TLS' })}\n`);
+        return;
+      }
       const rest = buf.subarray(nl + 1);
       if (rest.length > 0) sock.unshift(rest);
-      void this.onControl(sock);
+      void this.onControl(sock, remote);
     };
     sock.on('data', onData);
   }
@@ -298,7 +340,7 @@ export class CloneServer {
     );
   }
 
-  private async onControl(sock: Socket): Promise<void> {
+  private async onControl(sock: Socket, remote: string | undefined): Promise<void> {
     const ctl = new ControlConn(sock, ToServer);
     const nonce = newNonce();
     ctl.send({ t: 'challenge', v: protocolVersion, nonce } satisfies ToReceiver);
@@ -314,7 +356,7 @@ export class CloneServer {
       return;
     }
     if (hello.t !== 'hello') return refuse('protocol', 'expected hello');
-    const who = `${hello.name} (${sock.remoteAddress})`;
+    const who = `${hello.name} (${remote})`;
     if (hello.session !== this.o.session) {
       this.log(`refused ${who}: wrong session '${hello.session}'`);
       return refuse('session', `this server runs session '${this.o.session}', not '${hello.session}'`);
@@ -343,7 +385,7 @@ export class CloneServer {
     const e: Entry = existing ?? this.newEntry(hello.name, now);
     if (existing?.conn && existing.conn !== ctl) existing.conn.close('replaced by a new connection');
     e.conn = ctl;
-    e.host = hello.dataHost ?? (sock.remoteAddress ?? '127.0.0.1').replace(/^::ffff:/, '');
+    e.host = hello.dataHost ?? (remote ?? '127.0.0.1').replace(/^::ffff:/, '');
     e.dataPort = hello.dataPort;
     e.lastHeardAtMs = now;
     e.lastAdvanceAtMs = now;
@@ -518,6 +560,8 @@ export class CloneServer {
       available: () => src.sizeBytes,
       written: new Pulse(),
       ring: null,
+      used: this.used,
+      linkPsk: this.o.tls ? linkPsk(this.o.secret, this.o.session) : null,
       throttleBps: this.o.throttleBps,
       log: (m) => this.log(m),
       onLinkFailed: (to, reason) => {
@@ -690,6 +734,8 @@ export class CloneServer {
       sizeBytes: size,
       sha256: this.header?.sha256 ?? null,
       state: this.state,
+      tls: this.o.tls !== null,
+      usedBlocks: this.used ? { fs: this.used.fs, usedBytes: this.used.usedBytes } : null,
       expect: this.o.expect,
       chain: [...this.chain],
       elapsedMs: Date.now() - this.startedAtMs,

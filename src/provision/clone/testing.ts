@@ -58,7 +58,10 @@ export function corral(args: string[], opts: { prefix?: string[]; env?: NodeJS.P
   const entry = process.env.CORRAL_CLONE_STANDALONE
     ? ['--import', 'tsx', join(repoRoot, 'src', 'provision', 'clone', 'standalone.ts')]
     : [join(repoRoot, 'bin', 'corral.js')];
-  const cmd = [...(opts.prefix ?? []), process.execPath, ...entry, ...args];
+  // CORRAL_CLONE_PROFILE_DIR=DIR writes a V8 CPU profile of every clone process there (bench profiling).
+  const prof = process.env.CORRAL_CLONE_PROFILE_DIR;
+  const profArgs = prof ? ['--cpu-prof', `--cpu-prof-dir=${prof}`] : [];
+  const cmd = [...(opts.prefix ?? []), process.execPath, ...profArgs, ...entry, ...args];
   const child = spawn(cmd[0]!, cmd.slice(1), {
     cwd: repoRoot,
     env: { ...process.env, ...opts.env },

@@ -1,7 +1,6 @@
 // Sources and targets: an image file or a block device, read and written at offsets.
 // The source is only ever opened read-only ('r'); targets are opened for writing only after
 // the stream header has been checked.
-import { createHash } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
 import { open, readFile, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { basename } from 'node:path';
@@ -88,35 +87,6 @@ export async function writeFully(fh: FileHandle, buf: Buffer, offset: number): P
   }
 }
 
-/** SHA-256 of [0, sizeBytes) read in chunks (bounded memory). */
-export async function hashRange(fh: FileHandle, sizeBytes: number, chunkBytes: number): Promise<string> {
-  const h = createHash('sha256');
-  const buf = Buffer.allocUnsafe(chunkBytes);
-  for (let off = 0; off < sizeBytes; off += chunkBytes) {
-    const n = Math.min(chunkBytes, sizeBytes - off);
-    const view = buf.subarray(0, n);
-    await readFully(fh, view, off);
-    h.update(view);
-  }
-  return h.digest('hex');
-}
-
-/** Feeds [0, sizeBytes) of a file into an existing hash (rebuilding it on resume). */
-export async function hashInto(
-  h: ReturnType<typeof createHash>,
-  fh: FileHandle,
-  sizeBytes: number,
-  chunkBytes: number,
-): Promise<void> {
-  const buf = Buffer.allocUnsafe(chunkBytes);
-  for (let off = 0; off < sizeBytes; off += chunkBytes) {
-    const n = Math.min(chunkBytes, sizeBytes - off);
-    const view = buf.subarray(0, n);
-    await readFully(fh, view, off);
-    h.update(view);
-  }
-}
-
 const zeroCache = new Map<number, Buffer>();
 export function zeros(n: number): Buffer {
   let z = zeroCache.get(n);
@@ -129,4 +99,24 @@ export function zeros(n: number): Buffer {
 
 export function isAllZero(buf: Buffer): boolean {
   return buf.equals(zeros(buf.length));
+}
+
+/** Writes buffers back to back at offset with as few system calls as the kernel allows. */
+export async function writevFully(fh: FileHandle, bufs: Buffer[], offset: number): Promise<void> {
+  let total = 0;
+  for (const b of bufs) total += b.length;
+  const { bytesWritten } = await fh.writev(bufs, offset);
+  if (bytesWritten >= total) return;
+  // A short write (rare for files and devices): finish piece by piece.
+  let at = 0;
+  for (const b of bufs) {
+    const end = at + b.length;
+    if (end > bytesWritten)
+      await writeFully(
+        fh,
+        at >= bytesWritten ? b : b.subarray(bytesWritten - at),
+        offset + Math.max(at, bytesWritten),
+      );
+    at = end;
+  }
 }
