@@ -528,6 +528,26 @@ describe('post-clone identity on disks', () => {
     });
     assert.equal(fstab.toString(), `UUID=${r.volumes[0]!.newUuid} / ext4 defaults 0 1\n`);
 
+    // A mounted target is refused before anything changes.
+    const busyDev = execFileSync('losetup', ['-f', '--show', bare]).toString().trim();
+    loops.push(busyDev);
+    const busyMnt = mkdtempSync(join(dir, 'busy-'));
+    execFileSync('mount', ['-o', 'ro', busyDev, busyMnt]);
+    mounts.push(busyMnt);
+    try {
+      const busy = corral(['clone', 'identity', '--target', busyDev, '--new-uuids']);
+      assert.equal(await exitWithin(busy, 30_000), 1, busy.stderr());
+      assert.match(busy.stderr(), new RegExp(`--target ${busyDev}: is in use \\(${busyDev} is busy`));
+      const img = corral(['clone', 'identity', '--target', bare, '--new-uuids']);
+      assert.equal(await exitWithin(img, 30_000), 1, img.stderr());
+      assert.match(img.stderr(), /bare\.img: is in use \(attached: /);
+    } finally {
+      execFileSync('umount', [busyMnt]);
+      mounts.pop();
+      detach(busyDev);
+    }
+    assert.equal(blkidOf(bare).UUID, r.volumes[0]!.newUuid, 'unchanged by the refused runs');
+
     // Noise: nothing recognised, a message and exit 0 (nothing was asked that could be done).
     const noise = join(dir, 'noise.img');
     writeFileSync(noise, Buffer.alloc(4 * MiB, 0x5a));

@@ -13,6 +13,8 @@ import { constants as fsc } from 'node:fs';
 import {
   access,
   lstat,
+  open,
+  realpath,
   mkdtemp,
   readFile,
   readdir,
@@ -57,6 +59,9 @@ export interface IdentityLimits {
   symlinkHopsMax: number;
   /** Configuration files larger than this are not rewritten (they are not configuration). */
   configFileMaxBytes: number;
+  /** Exclusive-open attempts on a block device target before calling it busy. */
+  busyAttemptsMax: number;
+  busyRetryDelayMs: number;
 }
 
 export const defaultIdentityLimits: IdentityLimits = {
@@ -66,6 +71,8 @@ export const defaultIdentityLimits: IdentityLimits = {
   volumesMax: 128,
   symlinkHopsMax: 40,
   configFileMaxBytes: 4 * 1024 * 1024,
+  busyAttemptsMax: 10,
+  busyRetryDelayMs: 200,
 };
 
 export interface IdentityOptions {
@@ -203,17 +210,33 @@ interface Attached {
   mountDir: string | null;
 }
 
-async function isMounted(target: string): Promise<string | null> {
+async function isMounted(target: string, l: IdentityLimits): Promise<string | null> {
+  const dev = await realpath(target);
+  // The kernel refuses an exclusive open of a disk that is mounted or has a mounted partition.
+  // A receiver that just finished may still be closing its own exclusive handle: retry a little.
+  for (let i = 0; ; i++) {
+    try {
+      const fh = await open(dev, fsc.O_RDONLY | fsc.O_EXCL);
+      await fh.close();
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EBUSY') break;
+      if (i + 1 >= l.busyAttemptsMax) return `${dev} is busy (mounted or held open)`;
+      await new Promise((r) => setTimeout(r, l.busyRetryDelayMs));
+    }
+  }
   let mounts: string;
   try {
     mounts = await readFile('/proc/self/mounts', 'utf8');
   } catch {
     return null;
   }
-  const re = new RegExp(`^${target.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}(p?\\d+)?$`);
+  // sda -> sda1; loop1, nvme0n1 -> loop1p1, nvme0n1p1 (never loop12).
+  const part = /\d$/.test(dev) ? '(p\\d+)?' : '(\\d+)?';
+  const re = new RegExp(`^${dev.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}${part}$`);
   for (const line of mounts.split('\n')) {
-    const [dev, dir] = line.split(' ');
-    if (dev && re.test(dev)) return `${dev} on ${dir}`;
+    const [d, dir] = line.split(' ');
+    if (d && re.test(d)) return `${d} on ${dir}`;
   }
   return null;
 }
@@ -266,7 +289,7 @@ export class IdentityStep {
         'give the cloned image or disk',
       );
     const busy = info.isBlockDevice
-      ? await isMounted(this.o.target)
+      ? await isMounted(this.o.target, this.l)
       : await loopAttached(this.o.target, this.l);
     if (busy)
       throw new CloneTargetError(
@@ -534,7 +557,9 @@ export class IdentityStep {
       );
       return;
     }
-    const host = this.o.hostname ?? 'localhost';
+    const hn = await resolveInRoot(a.mountDir!, 'etc/hostname', this.l.symlinkHopsMax);
+    const copied = hn?.exists ? (await readFile(hn.path, 'utf8').catch(() => '')).trim() : '';
+    const host = this.o.hostname ?? (copied || 'localhost');
     for (const t of types) {
       try {
         await run(
