@@ -2,14 +2,11 @@
 import type { Store } from '../store/types.js';
 import type { Keys } from '../core/keys.js';
 import type { ClusterConfig } from '../config/schema.js';
-import { readStatus, type StatusData } from '../cli/status.js';
+import type { StatusData } from '../cli/status.js';
 import type { Hub } from './hub.js';
 import type { TokenVerifier, Caller } from './auth.js';
 import type { ApiMetrics } from './metrics.js';
 import type { OpsContext } from './ops.js';
-
-/** a cached status older than this is read again even without a store change (for nowMs and ages) */
-export const statusCacheMaxAgeMs = 1000;
 
 export interface ApiContext {
   store: Store;
@@ -26,41 +23,9 @@ export interface ApiContext {
   node?: string;
   nodeNames: string[];
   log: (level: 'info' | 'warn' | 'error', msg: string) => void;
+  /** the cluster status from the API's in-memory view (src/api/status-view.ts) */
   status(): Promise<StatusData>;
+  /** the same as JSON, serialised once per change */
+  statusJson(): Promise<string>;
   ops(caller: Caller): OpsContext;
-}
-
-/** Status answered from memory while nothing changed in the store; one read in flight at a time. */
-export function statusCache(
-  store: Store,
-  cluster: string,
-  k: Keys,
-  nodeNames: string[],
-  hub: Hub,
-  observe: (ms: number) => void,
-): () => Promise<StatusData> {
-  let cached: { data: StatusData; atMs: number; revision: number } | undefined;
-  let inflight: Promise<StatusData> | undefined;
-  hub.on('change', () => {
-    cached = undefined;
-  });
-  return async () => {
-    const now = Date.now();
-    if (cached && now - cached.atMs < statusCacheMaxAgeMs && cached.revision >= hub.revision)
-      return { ...cached.data, nowMs: now };
-    if (inflight) return inflight;
-    const rev = hub.revision;
-    inflight = (async () => {
-      const t0 = performance.now();
-      try {
-        const data = await readStatus(store, cluster, k, nodeNames, 20);
-        observe(performance.now() - t0);
-        cached = { data, atMs: Date.now(), revision: Math.max(rev, data.revision) };
-        return data;
-      } finally {
-        inflight = undefined;
-      }
-    })();
-    return inflight;
-  };
 }

@@ -1,6 +1,7 @@
-// One store watch per API server, fanned out to every SSE client and to the status cache:
-// 'event' for each new cluster event, 'change' (throttled) when anything under the cluster
-// prefix changed. Bounded: at most sseClientsMax listeners.
+// One store watch per API server, fanned out to every SSE client and to the status view:
+// 'kvs' with every watch batch, 'event' for each new cluster event, 'change' when anything under
+// the cluster prefix changed, 'reset' when the watch was restarted and events may have been
+// missed. Bounded: at most sseClientsMax listeners.
 import { EventEmitter } from 'node:events';
 import type { Store, Watcher } from '../store/types.js';
 import type { Keys } from '../core/keys.js';
@@ -37,6 +38,7 @@ export class Hub extends EventEmitter {
       this.watcher = await this.store.watch(this.k.prefix, {
         startRevision: from,
         onEvents: (evs) => {
+          this.emit('kvs', evs);
           for (const e of evs) {
             this.revision = Math.max(this.revision, e.revision);
             if (e.type === 'put' && e.kv.key.startsWith(this.k.events)) {
@@ -72,6 +74,8 @@ export class Hub extends EventEmitter {
       setTimeout(() => void this.rewatch(), hubRewatchDelayMs).unref();
       return;
     }
+    // events between the old watch and this one are lost: mirrors must read everything again
+    this.emit('reset', this.revision);
     await this.watch(this.revision + 1);
   }
 

@@ -19,8 +19,14 @@ export class ApiMetrics {
   });
   readonly storeLatency = new Histogram({
     name: 'corral_store_read_duration_seconds',
-    help: 'latency of one consistent status read of the store',
+    help: 'latency of one consistent read of the whole status from the store (at start and after a watch restart)',
     buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+    registers: [this.registry],
+  });
+  readonly statusBuild = new Histogram({
+    name: 'corral_status_build_duration_seconds',
+    help: 'time to rebuild and serialise the status from the in-memory view after a store change',
+    buckets: [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05],
     registers: [this.registry],
   });
   private nodes = new Gauge({

@@ -12,7 +12,8 @@ import { TokenVerifier, authenticate, type Caller, type Role } from './auth.js';
 import { ApiMetrics } from './metrics.js';
 import { installErrorHandler } from './errors.js';
 import { openApiDocument } from './route.js';
-import { statusCache, type ApiContext } from './context.js';
+import type { ApiContext } from './context.js';
+import { StatusView } from './status-view.js';
 import { clusterRoutes } from './plugins/cluster.js';
 import { resourceRoutes } from './plugins/resources.js';
 import { eventRoutes } from './plugins/events.js';
@@ -73,9 +74,16 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
   await hub.start();
   hub.on('event', (e) => metrics.onEvent(e));
   const nodeNames = o.config.nodes.map((n) => n.name);
-  const status = statusCache(o.store, cluster, k, nodeNames, hub, (ms) =>
-    metrics.storeLatency.observe(ms / 1000),
+  const status = new StatusView(
+    o.store,
+    cluster,
+    k,
+    nodeNames,
+    hub,
+    (ms) => metrics.storeLatency.observe(ms / 1000),
+    (ms) => metrics.statusBuild.observe(ms / 1000),
   );
+  await status.start();
   const ctx: ApiContext = {
     store: o.store,
     config: o.config,
@@ -89,7 +97,8 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
     node: o.node,
     nodeNames,
     log,
-    status,
+    status: () => status.status(),
+    statusJson: () => status.json(),
     ops: (caller) => ({ store: o.store, k, by: `token:${caller.name}`, nodeNames }),
   };
   const tls = o.config.network.api.tls;

@@ -52,7 +52,18 @@ export async function readStatus(
   eventsMax = 8,
 ): Promise<StatusData> {
   const snap = await loadSnapshot(store, cluster);
-  const nowMs = Date.now();
+  const events = await readEvents(store, k, eventsMax);
+  return statusFromSnapshot(snap, cluster, configNodes, events, Date.now());
+}
+
+/** The status rows of one snapshot (pure: the API's status view builds it from its mirror). */
+export function statusFromSnapshot(
+  snap: Snapshot,
+  cluster: string,
+  configNodes: string[],
+  events: ClusterEvent[],
+  nowMs: number,
+): StatusData {
   const used = new Map<string, { cpus: number; memory: number; n: number }>();
   const resources: ResourceRow[] = [];
   for (const r of snap.resources.values()) {
@@ -98,7 +109,6 @@ export async function readStatus(
         : undefined,
     };
   });
-  const events = await readEvents(store, k, eventsMax);
   return {
     cluster,
     revision: snap.revision,

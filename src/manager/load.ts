@@ -42,7 +42,8 @@ export interface Snapshot {
   corrupt: { key: string; error: string }[];
 }
 
-const sections = [
+/** the key sections (under /corral/<cluster>/) one snapshot reads, besides flags, leader and term */
+export const snapshotSections = [
   'nodes',
   'alive',
   'nodeadmin',
@@ -52,9 +53,11 @@ const sections = [
   'assign',
   'status',
   'requests/cleanup',
-];
+] as const;
+const sections = snapshotSections;
 
-export async function loadSnapshot(store: Store, cluster: string): Promise<Snapshot> {
+/** `store` needs only txn (ranges and gets): the API's status view passes an in-memory mirror. */
+export async function loadSnapshot(store: Pick<Store, 'txn'>, cluster: string): Promise<Snapshot> {
   const k = keysOf(cluster);
   const res = await store.txn({
     compare: [],

@@ -20,12 +20,14 @@ export function clusterRoutes(ctx: ApiContext) {
       {
         method: 'GET',
         url: '/status',
-        summary: 'cluster, nodes, resources, leader and last events (one store read)',
+        summary:
+          'cluster, nodes, resources, leader and last events (from the in-memory view the store watch keeps current)',
         tag: 'cluster',
         role: 'viewer',
         reply: Status,
       },
-      async () => ctx.status(),
+      // serialised once per store change, not per request
+      async ({ reply }) => reply.type('application/json; charset=utf-8').send(await ctx.statusJson()),
     );
 
     route(
