@@ -28,7 +28,7 @@ import {
   type ResourceRecord,
   type Timings,
 } from '../core/types.js';
-import { ResourceSpec } from '../core/spec.js';
+import { ResourceSpec, stopGraceMs } from '../core/spec.js';
 import { Manager } from '../manager/manager.js';
 
 export const agentLimits = {
@@ -477,7 +477,7 @@ export class Agent {
       const keep =
         this.phase !== 'leaving' &&
         ((a && a.run && a.epoch === l.epoch) || (target !== undefined && target.targetEpoch === l.epoch));
-      if (!keep) this.serial(l.id, () => this.stopLocal(l, a));
+      if (!keep) this.serial(l.id, () => this.stopLocal(l, a, specs.get(l.id)));
     }
     // live migration: prepare incoming copies here; send outgoing ones when told to
     if (canStart) this.reconcileMigrations(assigned, incoming, local, specs, reported);
@@ -507,7 +507,12 @@ export class Agent {
           );
         // running at its epoch but reported otherwise (adopted after an agent restart whose
         // predecessor died mid-start): say so, or the manager waits on 'starting' forever
-        if (running && l.state === 'started' && (!s || s.epoch !== a.epoch || s.state !== 'started'))
+        if (
+          running &&
+          l.state === 'started' &&
+          !l.outgoing &&
+          (!s || s.epoch !== a.epoch || s.state !== 'started')
+        )
           this.serial(a.id, () =>
             this.report(a.id, { epoch: a.epoch, state: 'started', reason: 'running (adopted)' }),
           );
@@ -563,12 +568,24 @@ export class Agent {
       const reportedHere = s && s.epoch === m.targetEpoch;
       if (!have && !reportedHere && m.phase === 'prepare')
         this.serial(rec.id, () => this.prepareIncoming(spec, m.targetEpoch));
+      // the stream completed and the copy runs here: say so (if the source is lost now, the
+      // manager hands the guest over to this copy instead of aborting)
+      if (have && l.state === 'started' && s?.epoch === m.targetEpoch && s.state === 'incoming')
+        this.serial(rec.id, () =>
+          this.report(rec.id, { epoch: m.targetEpoch, state: 'started', reason: 'received the guest' }),
+        );
     }
     for (const a of assigned.values()) {
       const m = a.migration;
       const l = local.get(a.id);
       if (this.migratingOut.has(a.id) && (!m || m.phase === 'abort')) {
         void driver.cancelMigration?.(a.id).catch(() => undefined);
+        continue;
+      }
+      const transfer = m?.phase === 'transfer' && m.incoming !== undefined;
+      // adopted after an agent restart with an outgoing migration the store no longer wants
+      if (l?.outgoing && l.epoch === a.epoch && !transfer && !this.migratingOut.has(a.id)) {
+        this.serial(a.id, () => this.settleOutgoing(a, l));
         continue;
       }
       if (!m || m.phase !== 'transfer' || !m.incoming || this.migratingOut.has(a.id)) continue;
@@ -665,6 +682,17 @@ export class Agent {
     }
   }
 
+  /** An adopted copy's migration is not wanted: resume the guest, or (sent away) give it up. */
+  private async settleOutgoing(a: ResourceRecord, l: LocalResource): Promise<void> {
+    if (l.outgoing !== 'sent') return this.o.driver.cancelMigration?.(a.id);
+    await this.o.driver.stop(a.id);
+    await this.report(a.id, {
+      epoch: a.epoch,
+      state: 'failed',
+      reason: 'the guest left by a live migration that was not handed over; this copy was paused for good',
+    });
+  }
+
   /** Run one action per resource at a time; later calls wait for the one in flight. */
   private serial(id: string, fn: () => Promise<void>): void {
     if (this.busy.has(id)) return; // the in-flight action re-queues a reconcile when done
@@ -703,10 +731,16 @@ export class Agent {
     });
   }
 
-  private async stopLocal(l: LocalResource, a: ResourceRecord | undefined): Promise<void> {
+  private async stopLocal(
+    l: LocalResource,
+    a: ResourceRecord | undefined,
+    spec: ResourceSpec | undefined,
+  ): Promise<void> {
     const epoch = a && a.epoch >= l.epoch ? a.epoch : l.epoch;
     await this.report(l.id, { epoch, state: 'stopping', reason: 'stopping' });
-    const r = await this.o.driver.stop(l.id);
+    // the grace of the current definition (a destroy asks for none), not the one it started with
+    const graceMs = spec ? stopGraceMs(spec) : undefined;
+    const r = await this.o.driver.stop(l.id, graceMs === undefined ? {} : { graceMs });
     await this.report(l.id, { epoch, state: 'stopped', reason: r.reason || 'stopped' });
   }
 

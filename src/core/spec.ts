@@ -83,6 +83,11 @@ export const ResourceSpec = z
     /** preferred node (set by `corral resource move`); used when online and eligible */
     preferredNode: z.string().optional(),
     desired: z.enum(['started', 'stopped']).default('started'),
+    /**
+     * set by `corral vm destroy`: while desired is stopped, stop by killing at once (no grace,
+     * no ACPI power-down); `corral vm start|shutdown|stop` clear it
+     */
+    killOnStop: z.boolean().optional(),
   })
   .superRefine((r, ctx) => {
     if (r.kind === 'process' && !r.process)
@@ -103,4 +108,13 @@ export const ResourceSpec = z
       });
   });
 export type ResourceSpec = z.infer<typeof ResourceSpec>;
+
+/**
+ * How long a stop of this resource may take before the kill, from its current definition
+ * (an edit applies to a copy already running): 0 after `corral vm destroy`.
+ */
+export function stopGraceMs(spec: ResourceSpec): number | undefined {
+  if (spec.killOnStop === true && spec.desired === 'stopped') return 0;
+  return spec.vm?.shutdownTimeoutMs ?? spec.process?.stopTimeoutMs;
+}
 export type ResourceSpecInput = z.input<typeof ResourceSpec>;

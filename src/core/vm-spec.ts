@@ -111,6 +111,12 @@ export const VmSpec = z.strictObject({
   /** stop: ACPI power-down, then this long for the guest to go, then kill */
   shutdownTimeoutMs: ms(30000),
   liveness: GuestCheck.optional(),
+  /** live-migration bandwidth cap, MiB/s (fractions allowed; unset: the driver's 4096) */
+  migrationBandwidthMiBps: z
+    .number()
+    .positive()
+    .max(1024 * 1024)
+    .optional(),
 });
 export type VmSpec = z.infer<typeof VmSpec>;
 
@@ -131,6 +137,7 @@ export const VmDefinition = z.strictObject({
   guestAgent: VmSpec.shape.guestAgent,
   shutdownTimeoutMs: VmSpec.shape.shutdownTimeoutMs,
   liveness: VmSpec.shape.liveness,
+  migrationBandwidthMiBps: VmSpec.shape.migrationBandwidthMiBps,
   priority: z.number().int().min(-1000).max(1000).default(0),
   nodeSelector: z.record(z.string(), z.string()).default({}),
   affinity: z.array(z.string()).default([]),
@@ -165,6 +172,9 @@ export function vmResourceInput(d: VmDefinition): Record<string, unknown> {
     guestAgent: d.guestAgent,
     shutdownTimeoutMs: d.shutdownTimeoutMs,
     ...(d.liveness ? { liveness: d.liveness } : {}),
+    ...(d.migrationBandwidthMiBps !== undefined
+      ? { migrationBandwidthMiBps: d.migrationBandwidthMiBps }
+      : {}),
   };
   return {
     id: name,

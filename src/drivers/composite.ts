@@ -4,7 +4,7 @@
 // an agent restart, so what it reports about ids the qemu driver owns is filtered out here.
 import type { ResourceSpec } from '../core/spec.js';
 import type { MigrationProgress } from '../core/types.js';
-import type { Driver, DriverEvent, LocalResource, MigrateOutcome } from '../env/types.js';
+import type { Driver, DriverEvent, LocalResource, MigrateOutcome, StopOptions } from '../env/types.js';
 import { readPidfile, pidfileSpec } from './pidfile.js';
 
 export interface CompositeDriverOptions {
@@ -45,8 +45,8 @@ export class CompositeDriver implements Driver {
     return this.o.process.start(spec, epoch);
   }
 
-  stop(id: string): Promise<LocalResource> {
-    return this.of(id).stop(id);
+  stop(id: string, opts?: StopOptions): Promise<LocalResource> {
+    return this.of(id).stop(id, opts);
   }
 
   async killAll(): Promise<void> {

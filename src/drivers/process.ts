@@ -23,7 +23,7 @@ import {
 import { dirname, isAbsolute, join } from 'node:path';
 import { CorralError, invariant } from '../core/errors.js';
 import { ResourceSpec, type ProcessSpec } from '../core/spec.js';
-import type { Driver, DriverEvent, Env, LocalResource } from '../env/types.js';
+import type { Driver, DriverEvent, Env, LocalResource, StopOptions } from '../env/types.js';
 import { describeCheck, probe } from './health.js';
 import {
   LOG_DIR,
@@ -123,6 +123,8 @@ export class ProcessDriver implements Driver {
   private readonly stateDir: string;
   private readonly env: Pick<Env, 'log'>;
   private readonly entries = new Map<string, Entry>();
+  /** the last spawn queued by spawnTurn() */
+  private spawnChain: Promise<void> = Promise.resolve();
   private readonly handlers: ((ev: DriverEvent) => void)[] = [];
   private closed = false;
   /** an in-flight killAll(): starts wait for it */
@@ -239,6 +241,18 @@ export class ProcessDriver implements Driver {
     return !this.closed && e.state === 'starting' && this.entries.get(e.id) === e;
   }
 
+  /**
+   * One spawn per turn of the event loop. spawn() blocks until the child has exec'd, which on
+   * a loaded host takes from tens to hundreds of ms; fifty in one turn stalled the agent's
+   * timers (lease renewal, self-fence) for seconds. Each caller waits for the spawn before it
+   * and for one more turn, so due timers run between two spawns.
+   */
+  private spawnTurn(): Promise<void> {
+    const turn = this.spawnChain.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
+    this.spawnChain = turn;
+    return turn;
+  }
+
   private async doStart(e: Entry): Promise<LocalResource> {
     if (!e.spec.process) return this.failStart(e, `kind ${e.spec.kind} is not run by the process driver`);
     const p = procOf(e.spec);
@@ -248,6 +262,7 @@ export class ProcessDriver implements Driver {
       if ('error' in r) return this.failStart(e, r.error);
       ids = r;
     }
+    await this.spawnTurn();
     if (!this.current(e)) return this.aborted(e);
     if (p.cwd !== undefined) {
       let isDir = false;
@@ -451,17 +466,18 @@ export class ProcessDriver implements Driver {
 
   // ---- stop / kill ----------------------------------------------------------------------------
 
-  async stop(id: string): Promise<LocalResource> {
+  async stop(id: string, opts: StopOptions = {}): Promise<LocalResource> {
     const e = this.entries.get(id) ?? this.adoptFromPidfile(id);
     if (!e) return { id, epoch: 0, state: 'stopped', reason: 'not running' };
     if (e.stopping) return e.stopping;
-    e.stopping = this.doStop(e).finally(() => (e.stopping = undefined));
+    e.stopping = this.doStop(e, opts).finally(() => (e.stopping = undefined));
     return e.stopping;
   }
 
-  private async doStop(e: Entry): Promise<LocalResource> {
+  private async doStop(e: Entry, opts: StopOptions): Promise<LocalResource> {
     const prev = e.state;
     const p = procOf(e.spec);
+    const graceMs = opts.graceMs ?? p.stopTimeoutMs;
     let reason = prev === 'failed' ? `stopped after failure: ${e.reason}` : 'not running';
     this.clearTimers(e);
     e.state = 'stopping';
@@ -469,9 +485,10 @@ export class ProcessDriver implements Driver {
     if (e.pgid !== undefined && e.startTime !== undefined && this.groupLive(e)) {
       signalGroup(e.pgid, p.stopSignal);
       reason = `stopped with ${p.stopSignal}`;
-      if (!(await waitFor(() => !this.groupLive(e), p.stopTimeoutMs, GONE_POLL_MS))) {
+      if (!(await waitFor(() => !this.groupLive(e), graceMs, GONE_POLL_MS))) {
         signalGroup(e.pgid, 'SIGKILL');
-        reason = `killed with SIGKILL after ${p.stopSignal} and stopTimeoutMs ${p.stopTimeoutMs} ms`;
+        const what = graceMs === p.stopTimeoutMs ? 'stopTimeoutMs' : 'a grace of';
+        reason = `killed with SIGKILL after ${p.stopSignal} and ${what} ${graceMs} ms`;
         if (!(await waitFor(() => !this.groupLive(e), KILL_WAIT_MS, GONE_POLL_MS))) {
           e.state = 'failed';
           e.reason = `process group ${e.pgid} still present ${KILL_WAIT_MS} ms after SIGKILL (uninterruptible sleep?)`;

@@ -16,7 +16,7 @@ import { isAbsolute, join } from 'node:path';
 import { invariant } from '../core/errors.js';
 import { ResourceSpec } from '../core/spec.js';
 import type { MigrationProgress } from '../core/types.js';
-import type { Driver, DriverEvent, Env, LocalResource, MigrateOutcome } from '../env/types.js';
+import type { Driver, DriverEvent, Env, LocalResource, MigrateOutcome, StopOptions } from '../env/types.js';
 import { describeGuestCheck, probeGuest } from '../health/guest.js';
 import { pidfileSpec, readPidfile, readPidfiles, removePidfile, writePidfile } from './pidfile.js';
 import { DriverError, readLogTail, specHash } from './process.js';
@@ -42,10 +42,29 @@ export const MIGRATE_POLL_MS = 50;
 export const MIGRATE_QMP_TIMEOUT_MS = 5000;
 /** an incoming copy checks its run state this often (beside the RESUME event) */
 export const INCOMING_POLL_MS = 100;
-/** migration bandwidth cap set on the source (QEMU's own default is 32 MiB/s) */
+/** migration bandwidth cap set on the source unless the VM sets migrationBandwidthMiBps (QEMU's own default is 32 MiB/s) */
 export const MIGRATE_MAX_BANDWIDTH_BPS = 4 * 1024 * 1024 * 1024;
 /** allowed guest pause at the end of a migration */
 export const MIGRATE_DOWNTIME_LIMIT_MS = 300;
+/** adopted in finish-migrate (the last phase of a migration): wait this long for it to settle */
+export const MIGRATE_SETTLE_MS = 10000;
+/** a migration QEMU does not show as under way (or done) this long after `migrate` counts as failed */
+export const MIGRATE_START_GRACE_MS = 2000;
+/** cancelMigration: bound on waiting for QEMU to leave the active migration states */
+export const MIGRATE_CANCEL_WAIT_MS = 10000;
+/** query-migrate states of a migration still under way */
+const MIGRATION_ACTIVE = new Set([
+  'setup',
+  'active',
+  'pre-switchover',
+  'device',
+  'wait-unplug',
+  'cancelling',
+  'postcopy-active',
+  'postcopy-paused',
+  'postcopy-recover',
+  'colo',
+]);
 /** run states in which a VM counts as failed */
 const FAILED_RUN_STATES = new Set(['internal-error', 'io-error', 'guest-panicked', 'shutdown']);
 
@@ -80,6 +99,8 @@ interface VmEntry {
   leaving: boolean;
   logOffset: number;
   incoming?: { host: string; port: number };
+  /** adopted with an outgoing migration left by the earlier agent (see LocalResource.outgoing) */
+  outgoing?: 'sending' | 'sent' | 'failed';
   pollTimer?: NodeJS.Timeout;
   livenessTimer?: NodeJS.Timeout;
   livenessFailures: number;
@@ -165,7 +186,7 @@ export class QemuDriver implements Driver {
       if (e.starting) return e.starting;
       if (e.stopping) await e.stopping;
       else if (e.state === 'incoming' && e.epoch === epoch) return this.snapshot(e);
-      else if (e.state === 'started' || e.state === 'starting') {
+      else if ((e.state === 'started' || e.state === 'starting') && e.outgoing !== 'sent') {
         if (e.epoch !== epoch) this.reEpoch(e, epoch);
         return this.snapshot(e);
       } else if (!e.gone) {
@@ -395,24 +416,28 @@ export class QemuDriver implements Driver {
 
   // ---- stop / kill ----------------------------------------------------------------------------
 
-  async stop(id: string): Promise<LocalResource> {
+  async stop(id: string, opts: StopOptions = {}): Promise<LocalResource> {
     const e = this.entries.get(id) ?? (await this.adoptFromPidfile(id));
     if (!e) return { id, epoch: 0, state: 'stopped', reason: 'not running' };
-    if (e.stopping) return e.stopping;
-    e.stopping = this.doStop(e).finally(() => (e.stopping = undefined));
+    if (e.stopping) {
+      // a destroy during a graceful shutdown: kill now, do not wait out the grace
+      if (opts.graceMs === 0 && !e.gone && this.live(e)) await this.kill(e);
+      return e.stopping;
+    }
+    e.stopping = this.doStop(e, opts).finally(() => (e.stopping = undefined));
     return e.stopping;
   }
 
-  private async doStop(e: VmEntry): Promise<LocalResource> {
+  private async doStop(e: VmEntry, opts: StopOptions): Promise<LocalResource> {
     const prev = e.state;
     e.leaving = true;
     this.clearTimers(e);
     e.state = 'stopping';
     e.reason = 'stopping';
     let reason = prev === 'failed' ? `stopped after failure: ${e.reason}` : 'not running';
-    const timeoutMs = e.spec.vm?.shutdownTimeoutMs ?? 0;
+    const timeoutMs = opts.graceMs ?? e.spec.vm?.shutdownTimeoutMs ?? 0;
     if (!e.gone && this.live(e)) {
-      if (prev === 'started' && timeoutMs > 0 && e.qmp) {
+      if (prev === 'started' && timeoutMs > 0 && e.qmp && e.outgoing !== 'sent') {
         await e.qmp.execute('system_powerdown').catch(() => undefined);
         const t0 = performance.now();
         await Promise.race([e.exited, sleep(timeoutMs), this.goneByPoll(e, timeoutMs)]);
@@ -422,7 +447,9 @@ export class QemuDriver implements Driver {
         reason =
           prev === 'started' && timeoutMs > 0
             ? `killed: no ACPI shutdown within shutdownTimeoutMs ${timeoutMs} ms`
-            : 'killed';
+            : timeoutMs === 0
+              ? 'killed at once (no grace: destroy or shutdownTimeoutMs 0)'
+              : 'killed';
         await this.kill(e);
       }
     }
@@ -559,14 +586,29 @@ export class QemuDriver implements Driver {
       downtimeMs: q.downtime,
       elapsedMs: Math.round(performance.now() - t0),
     });
-    try {
-      await qmp.execute('migrate-set-parameters', {
-        'max-bandwidth': MIGRATE_MAX_BANDWIDTH_BPS,
-        'downtime-limit': MIGRATE_DOWNTIME_LIMIT_MS,
-      });
-      await qmp.execute('migrate', { uri: `tcp:${target.host}:${target.port}` });
-    } catch (err) {
-      return { ok: false, reason: `migrate to ${target.host}:${target.port}: ${(err as Error).message}` };
+    // adopted after an agent restart: follow (or report) what the earlier agent started
+    const adopted = e.outgoing;
+    if (adopted === 'failed') {
+      const q = await qmp.execute<QueryMigrate>('query-migrate').catch((): QueryMigrate => ({}));
+      await this.resumeAfterFailedMigration(e);
+      e.outgoing = undefined;
+      return {
+        ok: false,
+        reason: `the migration started before the agent restart ${q.status ?? 'failed'}${q['error-desc'] ? `: ${q['error-desc']}` : ''}`,
+      };
+    }
+    if (adopted === undefined) {
+      try {
+        await qmp.execute('migrate-set-parameters', {
+          'max-bandwidth': migrationBandwidthBps(e.spec),
+          'downtime-limit': MIGRATE_DOWNTIME_LIMIT_MS,
+        });
+        await qmp.execute('migrate', { uri: `tcp:${target.host}:${target.port}` });
+      } catch (err) {
+        return { ok: false, reason: `migrate to ${target.host}:${target.port}: ${(err as Error).message}` };
+      }
+    } else {
+      this.o.env.log('info', `${id}: following the outgoing migration an earlier agent started`, { id });
     }
     for (;;) {
       let q: QueryMigrate;
@@ -577,16 +619,23 @@ export class QemuDriver implements Driver {
       }
       last = progressOf(q);
       if (q.status === 'completed') break;
-      if (q.status === 'failed' || q.status === 'cancelled')
+      const notStarted =
+        !MIGRATION_ACTIVE.has(q.status ?? '') && performance.now() - t0 > MIGRATE_START_GRACE_MS;
+      if (q.status === 'failed' || q.status === 'cancelled' || notStarted) {
+        // a migration that failed at its very end can leave the guest paused: it still lives here
+        await this.resumeAfterFailedMigration(e);
+        e.outgoing = undefined;
         return {
           ok: false,
-          reason: `QEMU: migration ${q.status}${q['error-desc'] ? `: ${q['error-desc']}` : ''}`,
+          reason: `QEMU: migration ${q.status ?? 'not under way'}${q['error-desc'] ? `: ${q['error-desc']}` : ''}`,
           progress: last,
         };
+      }
       onProgress(last);
       await sleep(MIGRATE_POLL_MS);
     }
     // the guest now runs on the target: this copy is paused for good; quit it and forget it
+    e.outgoing = 'sent';
     e.leaving = true;
     e.state = 'stopping';
     e.reason = `migrated to ${target.host}:${target.port}`;
@@ -601,8 +650,51 @@ export class QemuDriver implements Driver {
     return { ok: true, progress: last };
   }
 
+  /**
+   * Cancel an outgoing migration and make sure the guest runs here again. A stream that had
+   * already completed cannot be taken back: that copy stays paused for good (outgoing 'sent').
+   */
   async cancelMigration(id: string): Promise<void> {
-    await this.entries.get(id)?.qmp?.execute('migrate_cancel');
+    const e = this.entries.get(id);
+    const qmp = e?.qmp;
+    if (!e || !qmp || e.outgoing === 'sent') return;
+    await qmp.execute('migrate_cancel').catch(() => undefined);
+    let q: QueryMigrate;
+    const deadline = performance.now() + MIGRATE_CANCEL_WAIT_MS;
+    for (;;) {
+      q = await qmp.execute<QueryMigrate>('query-migrate').catch((): QueryMigrate => ({}));
+      if (!MIGRATION_ACTIVE.has(q.status ?? '') || performance.now() > deadline) break;
+      await sleep(MIGRATE_POLL_MS);
+    }
+    if (MIGRATION_ACTIVE.has(q.status ?? '')) return; // still cancelling: the agent asks again
+    if (q.status === 'completed') {
+      const st = await qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' }));
+      if (st.status !== 'running') {
+        // the cancel came too late: the guest left; never resume this copy
+        e.outgoing = 'sent';
+        e.reason = 'paused for good: the migration completed before it could be cancelled';
+        return;
+      }
+    }
+    await this.resumeAfterFailedMigration(e);
+    e.outgoing = undefined;
+  }
+
+  /** a migration that did not complete may leave the guest paused: run it again (`cont`) */
+  private async resumeAfterFailedMigration(e: VmEntry): Promise<void> {
+    const qmp = e.qmp;
+    if (!qmp || e.outgoing === 'sent') return;
+    const st = await qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' }));
+    if (st.status !== 'paused' && st.status !== 'finish-migrate') return;
+    const q = await qmp.execute<QueryMigrate>('query-migrate').catch((): QueryMigrate => ({}));
+    if (q.status === 'completed') return; // the guest left: never resume this copy
+    await qmp.execute('cont').catch((err: unknown) =>
+      this.o.env.log('error', `${e.id}: cannot resume the guest after a failed migration`, {
+        id: e.id,
+        error: (err as Error).message,
+      }),
+    );
+    this.o.env.log('info', `${e.id}: guest resumed after a migration that did not complete`, { id: e.id });
   }
 
   // ---- recover --------------------------------------------------------------------------------
@@ -657,20 +749,50 @@ export class QemuDriver implements Driver {
       if (st.status === 'inmigrate') {
         e.state = 'incoming';
         this.watchIncoming(e);
-      } else if (st.status === 'postmigrate') {
-        // the guest was handed over before the restart: this copy is paused for good
-        e.reason = 'paused for good after an outgoing live migration';
-      }
+      } else await this.adoptOutgoing(e, qmp, st.status);
     }
     this.o.env.log('info', `VM ${id} re-attached`, { id, epoch: pf.epoch, pid: pf.pid, state: e.state });
     this.scheduleLiveness(e, false);
     return e;
   }
 
+  /**
+   * An adopted source copy: find out whether the earlier agent left an outgoing migration
+   * behind (QEMU goes on sending without it). finish-migrate is QEMU's last, short phase:
+   * wait for it to settle into completed (postmigrate) or failed.
+   */
+  private async adoptOutgoing(e: VmEntry, qmp: QmpClient, runState: string): Promise<void> {
+    const query = () => qmp.execute<QueryMigrate>('query-migrate').catch((): QueryMigrate => ({}));
+    let q = await query();
+    const deadline = performance.now() + MIGRATE_SETTLE_MS;
+    while (runState === 'finish-migrate' && performance.now() < deadline) {
+      await sleep(MIGRATE_POLL_MS);
+      runState = (await qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' })))
+        .status;
+      q = await query();
+    }
+    if (MIGRATION_ACTIVE.has(q.status ?? '') || runState === 'finish-migrate') {
+      e.outgoing = 'sending';
+      e.reason = `re-attached to QEMU ${e.pid} while it sends the guest (outgoing live migration ${q.status ?? runState})`;
+    } else if (runState === 'postmigrate' || (q.status === 'completed' && runState !== 'running')) {
+      e.outgoing = 'sent';
+      e.reason = `re-attached to QEMU ${e.pid}: paused for good after an outgoing live migration completed`;
+    } else if (q.status === 'failed' || q.status === 'cancelled') {
+      e.outgoing = 'failed';
+      e.reason = `re-attached to QEMU ${e.pid} (run state ${runState}) after an outgoing live migration ${q.status}`;
+    }
+  }
+
   // ---- helpers --------------------------------------------------------------------------------
 
   private snapshot(e: VmEntry): LocalResource {
-    return { id: e.id, epoch: e.epoch, state: e.state, reason: e.reason };
+    return {
+      id: e.id,
+      epoch: e.epoch,
+      state: e.state,
+      reason: e.reason,
+      ...(e.outgoing ? { outgoing: e.outgoing } : {}),
+    };
   }
 
   private clearTimers(e: VmEntry): void {
@@ -718,6 +840,12 @@ function fileSize(path: string): number {
   } catch {
     return 0;
   }
+}
+
+/** the bandwidth cap of a VM's outgoing live migrations, bytes/s */
+export function migrationBandwidthBps(spec: ResourceSpec): number {
+  const mibps = spec.vm?.migrationBandwidthMiBps;
+  return mibps === undefined ? MIGRATE_MAX_BANDWIDTH_BPS : Math.max(1, Math.round(mibps * 1024 * 1024));
 }
 
 /** a TCP port free on `host` right now (the kernel picks it) */

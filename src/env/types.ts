@@ -17,6 +17,12 @@ export interface Env {
   log(level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void;
 }
 
+/** How a stop proceeds (the agent passes the resource's current definition). */
+export interface StopOptions {
+  /** the grace before the kill (overrides the one the copy was started with); 0 kills at once */
+  graceMs?: number;
+}
+
 /** What a driver observes of one resource on this node. */
 export interface LocalResource {
   id: string;
@@ -25,6 +31,13 @@ export interface LocalResource {
   /** incoming: a live-migration target waiting for the stream (the guest does not run yet) */
   state: 'starting' | 'started' | 'stopping' | 'stopped' | 'failed' | 'incoming';
   reason: string;
+  /**
+   * Found after an agent restart with an outgoing live migration the earlier agent started:
+   * sending (QEMU still sends the guest), sent (the stream completed: this copy is paused for
+   * good and must never run again), failed (the migration failed or was cancelled). Cleared
+   * by migrateOut (which follows or reports it) or cancelMigration (which resumes the guest).
+   */
+  outgoing?: 'sending' | 'sent' | 'failed';
 }
 
 export type MigrateOutcome =
@@ -45,7 +58,7 @@ export interface Driver {
   /** start and wait until healthy; resolves with started, or failed and a reason (never throws for expected failures) */
   start(spec: ResourceSpec, epoch: number): Promise<LocalResource>;
   /** stop gracefully (signal, timeout, then kill); resolves once it no longer runs */
-  stop(id: string): Promise<LocalResource>;
+  stop(id: string, opts?: StopOptions): Promise<LocalResource>;
   /** kill at once, without grace (self-fence); resolves once it no longer runs */
   killAll(): Promise<void>;
   list(): LocalResource[];
@@ -65,6 +78,7 @@ export interface Driver {
     target: { host: string; port: number },
     onProgress: (p: MigrationProgress) => void,
   ): Promise<MigrateOutcome>;
+  /** cancel an outgoing migration; the local guest runs again unless the stream had completed */
   cancelMigration?(id: string): Promise<void>;
   /** events that happen on their own (crash, health check failure), delivered at once */
   onEvent(handler: (ev: DriverEvent) => void): void;

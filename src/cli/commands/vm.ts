@@ -241,6 +241,9 @@ function specToYaml(s: ResourceSpec): string {
     guestAgent: vm.guestAgent,
     shutdownTimeoutMs: vm.shutdownTimeoutMs,
     ...(vm.liveness ? { liveness: vm.liveness } : {}),
+    ...(vm.migrationBandwidthMiBps !== undefined
+      ? { migrationBandwidthMiBps: vm.migrationBandwidthMiBps }
+      : {}),
     priority: s.priority,
     nodeSelector: s.nodeSelector,
     affinity: s.affinity,
@@ -451,7 +454,8 @@ export function registerVm(program: Command): void {
   const setDesired = (desired: 'started' | 'stopped', verb: string) =>
     action((name: string, opts: GlobalOpts) =>
       withCluster(opts, async (c) => {
-        await updateVm(c, name, (s) => ({ ...s, desired }));
+        // a start or a shutdown ends an earlier destroy's kill-at-once
+        await updateVm(c, name, (s) => ({ ...s, desired, killOnStop: undefined }));
         await operatorEvent(c, name, verb, `VM ${name}: ${verb} requested`);
         process.stdout.write(`${name}: ${verb} requested (desired ${desired})\n`);
         return 0;
@@ -462,19 +466,12 @@ export function registerVm(program: Command): void {
     .argument('<name>')
     .action(setDesired('stopped', 'shutdown'));
   cmd('stop', 'same as shutdown').argument('<name>').action(setDesired('stopped', 'stop'));
-  cmd(
-    'destroy',
-    'stop a VM and set its shutdownTimeoutMs to 0 (a running QEMU keeps the grace it started with)',
-  )
+  cmd('destroy', 'stop a VM by killing its QEMU at once (no ACPI power-down, no shutdownTimeoutMs)')
     .argument('<name>')
     .action(
       action((name: string, opts: GlobalOpts) =>
         withCluster(opts, async (c) => {
-          await updateVm(c, name, (s) => ({
-            ...s,
-            desired: 'stopped',
-            vm: { ...(s.vm as NonNullable<ResourceSpec['vm']>), shutdownTimeoutMs: 0 },
-          }));
+          await updateVm(c, name, (s) => ({ ...s, desired: 'stopped', killOnStop: true }));
           await operatorEvent(c, name, 'destroy', `VM ${name}: destroy requested`);
           process.stdout.write(`${name}: destroy requested\n`);
           return 0;
