@@ -157,6 +157,28 @@ describe('pxe settings and files', () => {
     assert.match(usage.stderr(), /--server-ip/);
     if (!has('dnsmasq')) return t.skip('dnsmasq not installed: syntax check skipped');
     execFileSync('dnsmasq', ['--test', `--conf-file=${join(d, 'dnsmasq.conf')}`], { stdio: 'pipe' });
+    // dnsmasq's TFTP user must reach the tree: a directory under a mode 0700 one is refused.
+    const privateDir = mkdtempSync(join(dir, 'private-'));
+    chmodSync(privateDir, 0o700);
+    const hidden = corral([
+      'pxe',
+      'config',
+      '--dir',
+      join(privateDir, 'pxe'),
+      '--interface',
+      'lo',
+      '--server-ip',
+      '127.0.0.1',
+      '--mode',
+      'proxy',
+    ]);
+    assert.equal(await exitWithin(hidden, 30_000), 0, hidden.stderr());
+    const unreachable = corral(['pxe', 'serve', '--dir', join(privateDir, 'pxe')]);
+    assert.equal(await exitWithin(unreachable, 30_000), 1);
+    assert.match(
+      unreachable.stderr(),
+      /is mode 700: dnsmasq's TFTP server \(an unprivileged user\) cannot reach/,
+    );
     const noIf = corral(['pxe', 'serve', '--dir', d]);
     assert.equal(await exitWithin(noIf, 30_000), 1);
     assert.match(noIf.stderr(), /interface eth1: does not exist on this host/);
@@ -292,6 +314,20 @@ describe('pxe serve with real dnsmasq in network namespaces', () => {
           !existsSync(`/proc/${pid}`) || readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z'),
           'dnsmasq is gone',
         );
+
+        // SIGINT (Ctrl-C) stops it the same way.
+        const again = corral(['pxe', 'serve', '--dir', d], { prefix: lab.exec(0) });
+        serve = again;
+        await until(
+          'dnsmasq to start again',
+          () => /TFTP root is/.test(again.stdout()) || again.child.exitCode !== null,
+          30_000,
+        );
+        pid = Number(/dnsmasq (\d+) on/.exec(again.stdout())![1]);
+        again.kill('SIGINT');
+        assert.equal(await exitWithin(again, 15_000), 0, `${again.stdout()}\n${again.stderr()}`);
+        serve = null;
+        assert.match(again.stdout(), /SIGINT: stopping dnsmasq[\s\S]*dnsmasq stopped/);
       } finally {
         // On failure: stop what this test started (the supervisor, then its dnsmasq) before the namespaces go.
         if (serve) {

@@ -480,7 +480,7 @@ export class IdentityStep {
       await run('mount', ['-t', r.type!, '-o', opts.join(','), a.loop, dir], this.l.commandTimeoutMs);
     } catch (err) {
       await rmdir(dir).catch(() => undefined);
-      const msg = `${this.where(a)} (${r.type}): cannot mount, identity not reset there (${(err as Error).message})`;
+      const msg = `${this.where(a)} (${r.type}): cannot mount, the files on it are left as they are (${(err as Error).message})`;
       r.notes.push('not mountable');
       this.note(`identity: ${msg}`);
       return;
