@@ -46,7 +46,22 @@ const haveUdpcast = (() => {
   }
 })();
 const ipOf = (i: number) => (lab ? lab.nodes[i]!.ip : '127.0.0.1');
-const prefix = (i: number) => (lab ? lab.exec(i) : []);
+// Every process runs under /usr/bin/time: the CPU seconds of a method (all its processes) are the
+// figure that survives a shared, loaded machine better than wall time.
+const haveTime = (() => {
+  try {
+    execFileSync('/usr/bin/time', ['-f', '%U', 'true'], { stdio: 'pipe' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+const timed = haveTime ? ['/usr/bin/time', '-f', 'bench-cpu-s %U %S'] : [];
+const prefix = (i: number) => [...(lab ? lab.exec(i) : []), ...timed];
+let cpuS = 0;
+const addCpu = (stderr: string) => {
+  for (const m of stderr.matchAll(/bench-cpu-s ([\d.]+) ([\d.]+)/g)) cpuS += Number(m[1]) + Number(m[2]);
+};
 const dir = `/dev/shm/corral-bench-${process.pid}`;
 mkdirSync(dir, { recursive: true });
 const cleanup = () => {
@@ -129,6 +144,7 @@ async function cloneRun(src: string, n: number): Promise<number> {
     if ((await exitWithin(r, runTimeoutMs)) !== 0) throw new Error(`receiver failed:\n${r.stderr()}`);
   if ((await exitWithin(server, 60_000)) !== 0) throw new Error(`serve failed:\n${server.stderr()}`);
   const st = JSON.parse(server.stdout()) as { elapsedMs: number };
+  for (const p of [server, ...rs]) addCpu(p.stderr());
   for (let k = 0; k < n; k++) rmSync(join(dir, `c${k}.img`), { force: true });
   return st.elapsedMs / 1000;
 }
@@ -174,7 +190,7 @@ async function unicastRun(src: string, n: number): Promise<number> {
     run([...prefix(k + 1), process.execPath, '-e', unicastReceiver, ipOf(0), join(dir, `u${k}.img`)]),
   );
   const s = await sender;
-  await Promise.all(rs);
+  for (const p of [s, ...(await Promise.all(rs))]) addCpu(p.err);
   if (s.code !== 0) throw new Error(`unicast sender failed: ${s.err}`);
   for (let k = 0; k < n; k++) {
     const got = statSync(join(dir, `u${k}.img`)).size;
@@ -210,6 +226,7 @@ async function udpcastRun(src: string, n: number): Promise<number> {
     '--nokbd',
   ]);
   const rr = await Promise.all(rs);
+  for (const p of [s, ...rr]) addCpu(p.err);
   if (s.code !== 0 || rr.some((r) => r.code !== 0))
     throw new Error(`udpcast failed: ${s.err} ${rr.map((r) => r.err).join(' ')}`);
   for (let k = 0; k < n; k++) {
@@ -226,26 +243,33 @@ async function main(): Promise<void> {
   console.log(
     `# bench/clone: ${sizeMiB} MiB image (half zero blocks), ${lab ? `netns + veth shaped to ${rate} (tbf)` : `loopback, unshaped (${why})`}; udpcast ${haveUdpcast ? 'yes' : 'not run'}`,
   );
-  const rows: { method: string; n: number; s: number }[] = [];
+  const rows: { method: string; n: number; s: number; cpuS: number }[] = [];
+  const measure = async (method: string, n: number, f: () => Promise<number>) => {
+    cpuS = 0;
+    const s = await f();
+    rows.push({ method, n, s, cpuS });
+  };
   for (const n of counts) {
-    if (only.has('corral')) rows.push({ method: 'corral clone', n, s: await cloneRun(src, n) });
-    if (only.has('unicast')) rows.push({ method: 'unicast xN', n, s: await unicastRun(src, n) });
-    if (haveUdpcast && only.has('udpcast')) rows.push({ method: 'udpcast', n, s: await udpcastRun(src, n) });
+    if (only.has('corral')) await measure('corral clone', n, () => cloneRun(src, n));
+    if (only.has('unicast')) await measure('unicast xN', n, () => unicastRun(src, n));
+    if (haveUdpcast && only.has('udpcast')) await measure('udpcast', n, () => udpcastRun(src, n));
     for (const r of rows.filter((x) => x.n === n))
       process.stderr.write(`  done: ${r.method} n=${r.n} ${r.s.toFixed(2)} s\n`);
   }
   const mbps = (s: number) => sizeBytes / s / 1e6;
   console.log(
-    `${'method'.padEnd(14)} ${'N'.padStart(2)} ${'time s'.padStart(8)} ${'MB/s per rcv'.padStart(13)} ${lineBps ? 'of line'.padStart(8) : ''} ${'vs udpcast'.padStart(10)} ${'vs unicast'.padStart(10)}`,
+    `${'method'.padEnd(14)} ${'N'.padStart(2)} ${'time s'.padStart(8)} ${'MB/s per rcv'.padStart(13)} ${lineBps ? 'of line'.padStart(8) : ''} ${'vs udpcast'.padStart(10)} ${'vs unicast'.padStart(10)} ${haveTime ? 'CPU s'.padStart(6) : ''}`,
   );
   for (const r of rows) {
     const udp = rows.find((x) => x.n === r.n && x.method === 'udpcast');
     const uni = rows.find((x) => x.n === r.n && x.method === 'unicast xN');
     console.log(
-      `${r.method.padEnd(14)} ${String(r.n).padStart(2)} ${r.s.toFixed(2).padStart(8)} ${mbps(r.s).toFixed(1).padStart(13)} ${lineBps ? `${((sizeBytes / r.s / lineBps) * 100).toFixed(0)}%`.padStart(8) : ''} ${(udp ? `${(udp.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${(uni ? `${(uni.s / r.s).toFixed(2)}x` : '-').padStart(10)}`,
+      `${r.method.padEnd(14)} ${String(r.n).padStart(2)} ${r.s.toFixed(2).padStart(8)} ${mbps(r.s).toFixed(1).padStart(13)} ${lineBps ? `${((sizeBytes / r.s / lineBps) * 100).toFixed(0)}%`.padStart(8) : ''} ${(udp ? `${(udp.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${(uni ? `${(uni.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${haveTime ? r.cpuS.toFixed(1).padStart(6) : ''}`,
     );
   }
-  console.log('(ratios: how many times faster than the peer; > 1 is better)');
+  console.log(
+    `(ratios: how many times faster than the peer; > 1 is better${haveTime ? '. CPU s: user+system of all processes of the method, process start included' : ''})`,
+  );
 }
 
 main()

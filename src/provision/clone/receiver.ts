@@ -257,6 +257,14 @@ export class Receiver {
     const challenge = await ctl.next(this.o.limits.challengeTimeoutMs).catch((err: Error) => {
       throw new CloneUnreachableError(`--server ${where}`, err.message);
     });
+    if (challenge.t === 'refused')
+      throw new CloneRefusedError(
+        challenge.code,
+        `--server ${where} refused the connection: ${challenge.reason}`,
+        challenge.code === 'tls'
+          ? 'give --tls-fingerprint FP (printed by `corral clone serve --tls`) or --tls-ca FILE'
+          : undefined,
+      );
     if (challenge.t !== 'challenge')
       throw new CloneRefusedError('protocol', `--server ${where}: expected a challenge`);
     const clientNonce = newNonce();
@@ -382,7 +390,9 @@ export class Receiver {
     ctl.onMessage((m) => {
       if (m.t === 'route') {
         if (m.downstream)
-          this.log(`forwarding to ${m.downstream.to} (${m.downstream.host}:${m.downstream.port})`);
+          this.log(
+            `forwarding to ${m.downstream.to} (${m.downstream.host}:${m.downstream.port}${this.o.tls ? ', TLS' : ''})`,
+          );
         else if (this.forwarder?.downstream) this.log('end of the chain now');
         this.forwarder?.setRoute(m.downstream);
       } else if (m.t === 'finish') {
