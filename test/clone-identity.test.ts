@@ -23,7 +23,10 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
+  dosDiskIdFromBytes,
   fatIdFromBytes,
+  partUuidMap,
+  partUuids,
   hostnameProblem,
   rewriteHosts,
   rewriteUuids,
@@ -104,6 +107,39 @@ describe('identity text rewrites', () => {
     assert.equal(hostnameProblem('node-7.lab'), null);
     assert.match(hostnameProblem('-bad')!, /label '-bad'/);
     assert.match(hostnameProblem('a_b')!, /label 'a_b'/);
+  });
+
+  test('PARTUUIDs of dos and gpt tables, and the map to new ones', () => {
+    const dos = (id: string) => ({
+      partitiontable: {
+        label: 'dos',
+        id,
+        partitions: [
+          { node: 'd1', start: 2048, size: 8, type: '83' },
+          { node: 'd5', start: 4096, size: 8, type: '82' },
+        ],
+      },
+    });
+    assert.deepEqual(
+      [...partUuidMap(dos('0x0A1B2C3D'), dos('0xffee0001'))],
+      [
+        ['0a1b2c3d-01', 'ffee0001-01'],
+        ['0a1b2c3d-05', 'ffee0001-05'],
+      ],
+    );
+    const gpt = (u: string) => ({
+      partitiontable: {
+        label: 'gpt',
+        id: 'X',
+        partitions: [{ node: 'g1', start: 2048, size: 8, type: 'L', uuid: u }],
+      },
+    });
+    assert.deepEqual(
+      [...partUuids(gpt('86E9AC22-467D-CD4B-B36D-BE1AB53F718D'))],
+      [[1, '86e9ac22-467d-cd4b-b36d-be1ab53f718d']],
+    );
+    assert.equal(partUuidMap(gpt('A'), gpt('a')).size, 0);
+    assert.equal(dosDiskIdFromBytes(Buffer.alloc(4)), '0x00000001');
   });
 
   test('extended containers and empty slots are not volumes', () => {
@@ -192,6 +228,7 @@ function buildGolden(): Golden {
   execFileSync('truncate', ['-s', `${diskMiB}M`, img]);
   const table = [
     'label: dos',
+    'label-id: 0x0a1b2c3d',
     `start=${p1.startMiB * 2048}, size=${p1.sizeMiB * 2048}, type=83`,
     `start=${p2.startMiB * 2048}, size=${p2.sizeMiB * 2048}, type=82`,
     `start=${p3.startMiB * 2048}, size=${p3.sizeMiB * 2048}, type=83`,
@@ -222,6 +259,8 @@ function buildGolden(): Golden {
     `search --no-floppy --fs-uuid --set=root ${rootUuid}\nlinux /vmlinuz root=UUID=${rootUuid} ro resume=UUID=${swapUuid}\n`,
   );
   writeFileSync(join(tree, 'etc/default/grub'), `GRUB_CMDLINE_LINUX="resume=UUID=${swapUuid}"\n`);
+  mkdirSync(join(tree, 'etc/kernel'));
+  writeFileSync(join(tree, 'etc/kernel/cmdline'), 'root=PARTUUID=0a1b2c3d-01 ro quiet\n');
   symlinkSync(outside, join(tree, 'etc/crypttab'));
   writeFileSync(join(tree, 'etc/machine-id'), `${machineId}\n`);
   writeFileSync(join(tree, 'var/lib/dbus/machine-id'), `${machineId}\n`);
@@ -278,6 +317,7 @@ function detach(loop: string): void {
 }
 
 interface CloneView {
+  diskId: string;
   rootUuid: string;
   swapUuid: string;
   vfatUuid: string | null;
@@ -304,6 +344,7 @@ function inspect(disk: string): CloneView {
       'etc/hosts',
       'boot/grub/grub.cfg',
       'etc/default/grub',
+      'etc/kernel/cmdline',
     ])
       files[f] = readFileSync(join(mnt, f), 'utf8');
     const sshFiles = readdirSync(join(mnt, 'etc/ssh')).sort();
@@ -319,6 +360,7 @@ function inspect(disk: string): CloneView {
     execFileSync('umount', [mnt]);
     mounts.pop();
     return {
+      diskId: JSON.parse(execFileSync('sfdisk', ['--json', disk]).toString()).partitiontable.id,
       rootUuid: blkidOf(l1).UUID!,
       swapUuid: blkidOf(l2).UUID!,
       vfatUuid: blkidOf(l4).UUID ?? null,
@@ -349,6 +391,9 @@ function checkClone(g: Golden, v: CloneView, host: string): void {
     `search --no-floppy --fs-uuid --set=root ${v.rootUuid}\nlinux /vmlinuz root=UUID=${v.rootUuid} ro resume=UUID=${v.swapUuid}\n`,
   );
   assert.equal(v.files['etc/default/grub'], `GRUB_CMDLINE_LINUX="resume=UUID=${v.swapUuid}"\n`);
+  assert.match(v.diskId, /^0x[0-9a-f]{8}$/);
+  assert.notEqual(v.diskId, '0x0a1b2c3d', 'new dos disk id');
+  assert.equal(v.files['etc/kernel/cmdline'], `root=PARTUUID=${v.diskId.slice(2)}-01 ro quiet\n`);
   assert.equal(v.files['etc/machine-id'], '', 'machine-id emptied');
   assert.equal(v.dbusCopy, false, 'the dbus copy of the machine id is gone');
   assert.equal(v.files['etc/hostname'], `${host}\n`);
@@ -527,6 +572,38 @@ describe('post-clone identity on disks', () => {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     assert.equal(fstab.toString(), `UUID=${r.volumes[0]!.newUuid} / ext4 defaults 0 1\n`);
+
+    // GPT: new disk and partition GUIDs; PARTUUID references follow (whatever their case).
+    const gptImg = join(dir, 'gpt.img');
+    execFileSync('truncate', ['-s', '24M', gptImg]);
+    execFileSync('sfdisk', ['--quiet', gptImg], { input: 'label: gpt\nstart=2048, size=32768, type=L\n' });
+    const gptBefore = JSON.parse(execFileSync('sfdisk', ['--json', gptImg]).toString()).partitiontable;
+    const oldPart = gptBefore.partitions[0].uuid as string;
+    const gptTree = join(dir, 'gpt-root');
+    mkdirSync(join(gptTree, 'etc'), { recursive: true });
+    writeFileSync(join(gptTree, 'etc/fstab'), `PARTUUID=${oldPart.toUpperCase()} / ext4 defaults 0 1\n`);
+    const gptFs = join(dir, 'gpt-root.fs');
+    execFileSync('mkfs.ext4', ['-q', '-F', '-d', gptTree, gptFs, '16M']);
+    putAt(gptImg, gptFs, 1);
+    const gp = corral(['clone', 'identity', '--target', gptImg, '--new-uuids', '--json']);
+    assert.equal(await exitWithin(gp, 60_000), 0, gp.stderr());
+    const gr = JSON.parse(gp.stdout()) as {
+      disk: { label: string; id: string; newId: string };
+      problems: string[];
+    };
+    assert.deepEqual(gr.problems, []);
+    const gptAfter = JSON.parse(execFileSync('sfdisk', ['--json', gptImg]).toString()).partitiontable;
+    assert.deepEqual(gr.disk, { label: 'gpt', id: gptBefore.id, newId: gptAfter.id });
+    assert.notEqual(gptAfter.id, gptBefore.id);
+    const newPart = (gptAfter.partitions[0].uuid as string).toLowerCase();
+    assert.notEqual(newPart, oldPart.toLowerCase());
+    const gl = attachPart(gptImg, 1, 16);
+    try {
+      const f = execFileSync('debugfs', ['-R', 'cat /etc/fstab', gl], { stdio: ['ignore', 'pipe', 'pipe'] });
+      assert.equal(f.toString(), `PARTUUID=${newPart} / ext4 defaults 0 1\n`);
+    } finally {
+      detach(gl);
+    }
 
     // A mounted target is refused before anything changes.
     const busyDev = execFileSync('losetup', ['-f', '--show', bare]).toString().trim();

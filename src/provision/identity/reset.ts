@@ -34,6 +34,9 @@ import { volumeInfo } from '../clone/volume.js';
 import {
   SfdiskTable,
   bootConfigFiles,
+  dosDiskIdFromBytes,
+  partUuidMap,
+  partUuids,
   fatIdFromBytes,
   fsKind,
   mountable,
@@ -101,6 +104,8 @@ export interface VolumeReport {
 
 export interface IdentityReport {
   target: string;
+  /** The partition table's identifiers (dos disk id or gpt disk GUID), changed with --new-uuids. */
+  disk: { label: string; id: string | null; newId: string | null } | null;
   volumes: VolumeReport[];
   /** Files rewritten or reset, as "pN:path". */
   changedFiles: string[];
@@ -263,11 +268,19 @@ export class IdentityStep {
   private readonly attached: Attached[] = [];
   /** Old UUID -> new UUID, for every filesystem that got a new one. */
   private readonly uuidMap = new Map<string, string>();
+  private table: SfdiskTable | null = null;
 
   constructor(o: IdentityOptions) {
     this.o = o;
     this.l = o.limits ?? defaultIdentityLimits;
-    this.report = { target: o.target, volumes: [], changedFiles: [], messages: [], problems: [] };
+    this.report = {
+      target: o.target,
+      disk: null,
+      volumes: [],
+      changedFiles: [],
+      messages: [],
+      problems: [],
+    };
   }
 
   private note(msg: string): void {
@@ -313,6 +326,7 @@ export class IdentityStep {
     const spans = await this.spans(info.sizeBytes);
     if (spans.length === 0) return this.report;
     try {
+      if (this.o.newUuids && this.table) await this.newTableIds(this.table);
       for (const span of spans) await this.attach(span);
       if (this.o.newUuids) for (const a of this.attached) await this.newUuid(a);
       for (const a of this.attached) await this.mount(a);
@@ -357,6 +371,12 @@ export class IdentityStep {
         );
         return [];
       }
+      this.table = table;
+      this.report.disk = {
+        label: table.partitiontable.label,
+        id: table.partitiontable.id ?? null,
+        newId: null,
+      };
       const spans = spansOf(table).filter((s) => s.offsetBytes + s.sizeBytes <= sizeBytes);
       invariant(spans.length <= this.l.volumesMax, `more than ${this.l.volumesMax} partitions`);
       if (spans.length === 0) this.note('identity: skipped, the partition table has no partitions');
@@ -365,6 +385,47 @@ export class IdentityStep {
     if (whole.TYPE) return [{ index: 0, offsetBytes: 0, sizeBytes }];
     this.note('identity: skipped, no partition table and no filesystem recognised on the target');
     return [];
+  }
+
+  /** New dos disk id or gpt disk and partition GUIDs: the PARTUUIDs every clone would share. */
+  private async newTableIds(before: SfdiskTable): Promise<void> {
+    try {
+      await this.newTableIdsOrThrow(before);
+    } catch (err) {
+      this.problem(`partition table: could not set new identifiers: ${(err as Error).message}`);
+    }
+  }
+
+  private async newTableIdsOrThrow(before: SfdiskTable): Promise<void> {
+    const t = before.partitiontable;
+    const target = this.o.target;
+    const ms = this.l.commandTimeoutMs;
+    if (t.label === 'dos') await run('sfdisk', ['--disk-id', target, dosDiskIdFromBytes(randomBytes(4))], ms);
+    else if (t.label === 'gpt') {
+      await run('sfdisk', ['--disk-id', target, uuidFromBytes(randomBytes(16)).toUpperCase()], ms);
+      for (const n of partUuids(before).keys())
+        await run(
+          'sfdisk',
+          ['--part-uuid', target, String(n), uuidFromBytes(randomBytes(16)).toUpperCase()],
+          ms,
+        );
+    } else {
+      this.note(`identity: ${t.label} partition table: its identifiers are left as they are`);
+      return;
+    }
+    // Read the table back: only changes that really happened are mapped.
+    const after = SfdiskTable.parse(JSON.parse(await run('sfdisk', ['--json', target], ms)));
+    const map = partUuidMap(before, after);
+    const newId = after.partitiontable.id ?? null;
+    if (newId === t.id || map.size !== partUuids(before).size) {
+      this.problem(`partition table: asked for new identifiers, sfdisk now reports disk id ${newId}`);
+      return;
+    }
+    for (const [o, n] of map) this.uuidMap.set(o, n);
+    this.report.disk = { label: t.label, id: t.id ?? null, newId };
+    this.o.log(
+      `identity: ${t.label} partition table: disk id ${t.id} -> ${newId}; ${map.size} new PARTUUIDs`,
+    );
   }
 
   private where(a: { span: VolumeSpan }): string {

@@ -44,10 +44,12 @@ const SfdiskPart = z.object({
   start: z.number().int().nonnegative(),
   size: z.number().int().nonnegative(),
   type: z.string(),
+  uuid: z.string().optional(),
 });
 export const SfdiskTable = z.object({
   partitiontable: z.object({
     label: z.string(),
+    id: z.string().optional(),
     sectorsize: z.number().int().positive().optional(),
     partitions: z.array(SfdiskPart).default([]),
   }),
@@ -80,6 +82,50 @@ export function spansOf(t: SfdiskTable): VolumeSpan[] {
     });
   }
   return out;
+}
+
+function partNumber(node: string): number | null {
+  const n = /(\d+)$/.exec(node);
+  return n ? Number(n[1]) : null;
+}
+
+/**
+ * PARTUUIDs as the kernel and blkid show them: on dos `<disk id>-<NN>`, on gpt the partition's
+ * UUID, both lowercase. Keyed by partition number.
+ */
+export function partUuids(t: SfdiskTable): Map<number, string> {
+  const out = new Map<number, string>();
+  const pt = t.partitiontable;
+  for (const p of pt.partitions) {
+    const n = partNumber(p.node);
+    if (n === null) continue;
+    if (pt.label === 'dos' && pt.id) {
+      const id = pt.id.replace(/^0x/i, '').toLowerCase().padStart(8, '0');
+      out.set(n, `${id}-${String(n).padStart(2, '0')}`);
+    } else if (pt.label === 'gpt' && p.uuid) out.set(n, p.uuid.toLowerCase());
+  }
+  return out;
+}
+
+/** Old PARTUUID -> new, for the partitions of the same table before and after new ids. */
+export function partUuidMap(before: SfdiskTable, after: SfdiskTable): Map<string, string> {
+  const a = partUuids(before);
+  const b = partUuids(after);
+  const out = new Map<string, string>();
+  for (const [n, old] of a) {
+    const now = b.get(n);
+    if (now && now !== old) out.set(old, now);
+  }
+  return out;
+}
+
+/** A dos disk identifier for `sfdisk --disk-id` (never 0: that means "none"). */
+export function dosDiskIdFromBytes(bytes: Uint8Array): string {
+  if (bytes.length < 4) throw new Error('dosDiskIdFromBytes: need 4 bytes');
+  const h = Array.from(bytes.subarray(0, 4))
+    .map((x) => x.toString(16).padStart(2, '0'))
+    .join('');
+  return `0x${h === '00000000' ? '00000001' : h}`;
 }
 
 /** A random RFC 4122 version-4 UUID from 16 random bytes (ext, swap, xfs). */
