@@ -90,6 +90,10 @@ describe('pxe settings and files', () => {
     assert.match(conf, /^interface=eth1$/m);
     assert.match(conf, /^dhcp-range=10\.0\.0\.100,10\.0\.0\.199,255\.255\.255\.0,1h$/m);
     assert.match(conf, /^dhcp-option=option:router,10\.0\.0\.254$/m);
+    assert.match(
+      dnsmasqConf(validatePxe(base), { tftpRoot: '/t', leaseFile: '/l' }),
+      /^dhcp-option=option:router$/m,
+    );
     assert.match(conf, /^dhcp-boot=tag:!ipxe,tag:!efi64,pxelinux\.0$/m);
     assert.match(conf, /^tftp-root=\/srv\/pxe\/tftp$/m);
     const proxy = dnsmasqConf(validatePxe({ ...base, mode: 'proxy', range: undefined }), {
@@ -267,6 +271,7 @@ describe('pxe serve with real dnsmasq in network namespaces', () => {
         assert.equal(env.boot_file, 'pxelinux.0');
         assert.equal(env.siaddr, srv.ip);
         assert.equal(env.subnet, '255.255.255.0');
+        assert.equal(env.router, undefined, 'no router is handed out unless --router names one');
         await until(
           'the lease file',
           () =>

@@ -275,7 +275,8 @@ export function dnsmasqConf(s: PxeSettings, paths: { tftpRoot: string; leaseFile
   if (s.mode === 'dhcp') {
     lines.push(
       `dhcp-range=${s.rangeStart},${s.rangeEnd},${s.netmask},${s.leaseTime}`,
-      ...(s.router ? [`dhcp-option=option:router,${s.router}`] : []),
+      // dnsmasq would name itself the router: send none unless one is given.
+      s.router ? `dhcp-option=option:router,${s.router}` : 'dhcp-option=option:router',
       `dhcp-boot=tag:ipxe,${tftpPaths.ipxeScript}`,
       `dhcp-boot=tag:!ipxe,tag:efi64,${tftpPaths.efiLoader}`,
       `dhcp-boot=tag:!ipxe,tag:!efi64,${tftpPaths.biosLoader}`,
