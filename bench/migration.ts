@@ -3,8 +3,11 @@
 // written, as `corral vm migrate` does) to the target owning the VM (record on the target,
 // started), side by side with a bare QMP script migrating the same kind of VM between two
 // QEMUs; the ratio, Corral's added time, QEMU's reported downtime; then a drain of 10 VMs
-// versus moving them one by one.
-// Usage: npx tsx bench/migration.ts [--sizes 64,256,1024] [--runs 3] [--drain 10]
+// versus moving them one by one. The bare script is timed twice: from its `migrate` (the
+// target QEMU already up) and from the start of the target QEMU (which any migration needs
+// and Corral's figure includes); the target budget (20% or 300 ms) is judged against the
+// latter, Corral's orchestration overhead.
+// Usage: npx tsx bench/migration.ts [--sizes 64,256,1024] [--runs 3] [--drain 10] [--help]
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -17,6 +20,16 @@ import { QmpClient } from '../src/drivers/qmp.js';
 import { qemuArgs, QEMU_BINARY_DEFAULT } from '../src/drivers/qemu-args.js';
 import { vmPaths } from '../src/drivers/qemu-paths.js';
 import { freePort, MIGRATE_DOWNTIME_LIMIT_MS, MIGRATE_MAX_BANDWIDTH_BPS } from '../src/drivers/qemu.js';
+
+if (process.argv.includes('--help')) {
+  console.log(
+    'usage: npx tsx bench/migration.ts [--sizes 64,256,1024|none] [--runs 3] [--drain 10]\n' +
+      '  --sizes  idle VM sizes in MiB to migrate (none: only the drain comparison)\n' +
+      '  --runs   migrations per size (the median is reported)\n' +
+      '  --drain  VMs in the drain comparison (0: none)',
+  );
+  process.exit(0);
+}
 
 const arg = (name: string, dflt: string) => {
   const i = process.argv.indexOf(name);
@@ -78,6 +91,7 @@ async function main(): Promise<void> {
     for (const mib of sizes) {
       const corral: number[] = [];
       const bare: number[] = [];
+      const bareStart: number[] = [];
       const downC: number[] = [];
       const downB: number[] = [];
       for (let run = 0; run < runs; run++) {
@@ -97,17 +111,20 @@ async function main(): Promise<void> {
         // bare QMP: two QEMUs, migrate, poll until the target runs
         const b = await bareMigration(join(c.dir, 'bare'), `b${mib}-${run}`, mib, started);
         bare.push(b.ms);
+        bareStart.push(b.withStartMs);
         downB.push(b.downtimeMs);
       }
       const mc = median(corral);
       const mb = median(bare);
-      const budget = Math.max(mb * 1.2, mb + 300);
+      const ms = median(bareStart);
+      const budget = Math.max(ms * 1.2, ms + 300);
       rows.push([
         `${mib} MiB`,
         mc.toFixed(0),
         mb.toFixed(0),
-        (mc / mb).toFixed(2),
-        (mc - mb).toFixed(0),
+        ms.toFixed(0),
+        (mc / ms).toFixed(2),
+        (mc - ms).toFixed(0),
         mc <= budget ? 'yes' : 'no',
         median(downC).toFixed(0),
         median(downB).toFixed(0),
@@ -116,7 +133,17 @@ async function main(): Promise<void> {
     if (rows.length > 0) console.log(`\nlive migration, idle VMs, median of ${runs} runs (ms)`);
     if (rows.length > 0)
       printTable(
-        ['size', 'corral', 'bare QMP', 'ratio', 'added', 'within target', 'downtime corral', 'downtime bare'],
+        [
+          'size',
+          'corral',
+          'bare migrate',
+          'bare incl. target start',
+          'ratio',
+          'added',
+          'within target',
+          'downtime corral',
+          'downtime bare',
+        ],
         rows,
       );
 
@@ -161,7 +188,7 @@ async function bareMigration(
   id: string,
   mib: number,
   started: ChildProcess[],
-): Promise<{ ms: number; downtimeMs: number }> {
+): Promise<{ ms: number; withStartMs: number; downtimeMs: number }> {
   const spec = vmSpec(id, mib);
   const port = await freePort('127.0.0.1');
   const launch = (side: string, incoming?: { host: string; port: number }) => {
@@ -172,7 +199,6 @@ async function bareMigration(
     return { p, sock: vmPaths(stateDir, id).qmpSocket };
   };
   const src = launch('src');
-  const dst = launch('dst', { host: '127.0.0.1', port });
   const connect = async (sock: string) => {
     const t0 = performance.now();
     for (;;) {
@@ -185,8 +211,11 @@ async function bareMigration(
     }
   };
   const qs = await connect(src.sock);
-  const qd = await connect(dst.sock);
   await sleep(300);
+  // what a script must do too: start the target QEMU, wait for its QMP, then migrate
+  const tStart = performance.now();
+  const dst = launch('dst', { host: '127.0.0.1', port });
+  const qd = await connect(dst.sock);
   const t0 = performance.now();
   await qs.execute('migrate-set-parameters', {
     'max-bandwidth': MIGRATE_MAX_BANDWIDTH_BPS,
@@ -209,11 +238,12 @@ async function bareMigration(
     await sleep(POLL_MS);
   }
   const ms = performance.now() - t0;
+  const withStartMs = performance.now() - tStart;
   await qs.execute('quit').catch(() => undefined);
   await qd.execute('quit').catch(() => undefined);
   qs.close();
   qd.close();
-  return { ms, downtimeMs };
+  return { ms, withStartMs, downtimeMs };
 }
 
 function printTable(headers: string[], rows: string[][]): void {

@@ -114,12 +114,14 @@ export class Agent {
           });
     o.driver.onEvent((ev) => {
       // the store may be unreachable right now: never let a lost report crash the agent
-      this.report(ev.id, { epoch: ev.epoch, state: 'failed', reason: ev.reason }).catch((e: unknown) =>
-        this.o.env.log('warn', 'could not report a resource failure; reconcile retries', {
-          id: ev.id,
-          error: String(e),
-        }),
-      );
+      if (ev.type === 'failed')
+        this.report(ev.id, { epoch: ev.epoch, state: 'failed', reason: ev.reason }).catch((e: unknown) =>
+          this.o.env.log('warn', 'could not report a resource failure; reconcile retries', {
+            id: ev.id,
+            error: String(e),
+          }),
+        );
+      // 'received': the reconcile reports the target copy started at once (hand-over sooner)
       this.queueReconcile();
     });
   }
@@ -647,7 +649,8 @@ export class Agent {
     this.migratingOut.add(a.id);
     let lastReportMs = 0;
     try {
-      await this.report(a.id, {
+      // written while QEMU starts sending (one store round trip less before the stream)
+      const sending = this.report(a.id, {
         epoch: a.epoch,
         state: 'migrating',
         reason: `sending to ${dest.host}:${dest.port}`,
@@ -660,6 +663,7 @@ export class Agent {
           () => undefined,
         );
       });
+      await sending.catch(() => undefined); // only informative: the outcome below matters
       // never start this epoch here again: the guest now lives on the target
       if (out.ok) this.epochFloor.set(a.id, Math.max(a.epoch, this.epochFloor.get(a.id) ?? 0));
       if (out.ok)

@@ -99,6 +99,8 @@ interface VmEntry {
   leaving: boolean;
   logOffset: number;
   incoming?: { host: string; port: number };
+  /** wakes migrateOut's wait for the next query-migrate (QEMU's MIGRATION event) */
+  migrationWake?: () => void;
   /** adopted with an outgoing migration left by the earlier agent (see LocalResource.outgoing) */
   outgoing?: 'sending' | 'sent' | 'failed';
   pollTimer?: NodeJS.Timeout;
@@ -331,6 +333,7 @@ export class QemuDriver implements Driver {
   }
 
   private onQmpEvent(e: VmEntry, event: string, data: Record<string, unknown> | undefined): void {
+    if (event === 'MIGRATION') e.migrationWake?.();
     if (this.closed || this.entries.get(e.id) !== e) return;
     if (event === 'RESUME' && e.state === 'incoming') return void this.checkIncoming(e);
     if (e.state !== 'started' || e.leaving) return;
@@ -566,6 +569,7 @@ export class QemuDriver implements Driver {
     e.incoming = undefined;
     this.o.env.log('info', `${e.id} received`, { id: e.id, epoch: e.epoch, pid: e.pid });
     this.scheduleLiveness(e, false);
+    this.emit({ type: 'received', id: e.id, epoch: e.epoch, reason: e.reason });
   }
 
   async migrateOut(
@@ -603,6 +607,10 @@ export class QemuDriver implements Driver {
           'max-bandwidth': migrationBandwidthBps(e.spec),
           'downtime-limit': MIGRATE_DOWNTIME_LIMIT_MS,
         });
+        // MIGRATION events: the end of the stream is seen at once, not at the next poll
+        await qmp.execute('migrate-set-capabilities', {
+          capabilities: [{ capability: 'events', state: true }],
+        });
         await qmp.execute('migrate', { uri: `tcp:${target.host}:${target.port}` });
       } catch (err) {
         return { ok: false, reason: `migrate to ${target.host}:${target.port}: ${(err as Error).message}` };
@@ -632,7 +640,14 @@ export class QemuDriver implements Driver {
         };
       }
       onProgress(last);
-      await sleep(MIGRATE_POLL_MS);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, MIGRATE_POLL_MS);
+        e.migrationWake = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      e.migrationWake = undefined;
     }
     // the guest now runs on the target: this copy is paused for good; quit it and forget it
     e.outgoing = 'sent';

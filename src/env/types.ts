@@ -45,7 +45,9 @@ export type MigrateOutcome =
 
 export type DriverEvent =
   /** the resource left the started state on its own: exited, crashed, health check failed */
-  { type: 'failed'; id: string; epoch: number; reason: string };
+  | { type: 'failed'; id: string; epoch: number; reason: string }
+  /** an incoming live-migration copy received the guest and runs it (list() shows it started) */
+  | { type: 'received'; id: string; epoch: number; reason: string };
 
 /**
  * Runs resources on one node. One implementation per kind (process, qemu, ocf) and a
