@@ -19,7 +19,7 @@ export function addIdentityOptions(cmd: Command, forReceive: boolean): Command {
     .option('--hostname <name>', 'host name written to /etc/hostname and /etc/hosts of the copied root')
     .option(
       '--new-uuids',
-      'give every ext2/3/4, swap, xfs and vfat filesystem a new UUID and rewrite fstab, crypttab and boot config to match',
+      'new UUIDs for ext2/3/4, swap, xfs and vfat filesystems and new partition table ids (PARTUUID), with fstab, crypttab and boot config rewritten to match',
     )
     .option(
       '--no-reset-identity',
@@ -71,6 +71,7 @@ export function registerCloneIdentity(clone: Command): void {
         checkIdentityFlags(o);
         const log = o.quiet ? () => undefined : (m: string) => process.stderr.write(`clone ${m}\n`);
         const r = await runIdentityStep(o.target, o, log);
+        if (!r.report) log('identity: nothing asked (--no-reset-identity without --hostname or --new-uuids)');
         if (o.json) process.stdout.write(`${JSON.stringify(r.report, null, 2)}\n`);
         return r.ok ? exitCodes.ok : exitCodes.problem;
       }),
