@@ -232,8 +232,8 @@ export class Forwarder {
       if (this.linkId !== linkId) throw new Error('route changed');
       if (closedErr) throw closedErr;
     };
-    const write = async (f: Frame) => {
-      writeFrame(sock, f);
+    const write = async (f: Frame, onFlushed?: () => void) => {
+      writeFrame(sock, f, onFlushed);
       if (sock.writableLength > forwarderLimits.sendQueueMaxBytes)
         await Promise.race([new Promise((r) => sock.once('drain', r)), closed]);
       alive();
@@ -274,9 +274,9 @@ export class Forwarder {
           await Promise.race([this.o.written.wait(), this.wake.wait(), closed]);
           continue;
         }
-        const f = await this.frameAt(reader, off, avail);
+        const { f, pooled } = await this.frameAt(reader, off, avail);
         alive();
-        await write(f);
+        await write(f, pooled ? () => reader.release(pooled) : undefined);
         off += f.lengthBytes;
         this.sentBytes = off;
         this.totalSentBytes += payloadBytes(f);
@@ -299,15 +299,24 @@ export class Forwarder {
     }
   }
 
-  private async frameAt(reader: ChunkReader, off: number, avail: number): Promise<Frame> {
+  /** The frame at off; pooled: the reader's buffer to give back once the socket has written it. */
+  private async frameAt(
+    reader: ChunkReader,
+    off: number,
+    avail: number,
+  ): Promise<{ f: Frame; pooled: Buffer | null }> {
     const cached = this.o.ring?.get(off);
-    if (cached && off + cached.lengthBytes <= avail) return cached;
+    if (cached && off + cached.lengthBytes <= avail) return { f: cached, pooled: null };
     const f = await reader.frame(off, avail);
-    if (f.type === FrameType.data && this.o.header.compress === 'deflate') {
-      const buf = f.payload[0]!;
+    if (f.type !== FrameType.data) return { f, pooled: null };
+    const buf = f.payload[0]!;
+    if (this.o.header.compress === 'deflate') {
       const c = await deflateRaw(buf, { level: 1, strategy: zc.Z_DEFAULT_STRATEGY });
-      if (c.length < buf.length) return { ...f, flags: frameFlagDeflate, payload: [c] };
+      if (c.length < buf.length) {
+        reader.release(buf);
+        return { f: { ...f, flags: frameFlagDeflate, payload: [c] }, pooled: null };
+      }
     }
-    return f;
+    return { f, pooled: buf };
   }
 }

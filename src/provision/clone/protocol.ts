@@ -88,14 +88,25 @@ export function encodeFrame(f: Frame): Buffer[] {
   return [encodeFrameHeader(f, payloadBytes(f)), ...f.payload];
 }
 
-/** Writes a frame as one unit (corked: the header never goes out as a packet of its own). */
+/**
+ * Writes a frame as one unit (corked: the header never goes out as a packet of its own).
+ * onFlushed runs once the socket no longer needs the payload buffers.
+ */
 export function writeFrame(
-  sock: { cork(): void; uncork(): void; write(b: Buffer): boolean },
+  sock: {
+    cork(): void;
+    uncork(): void;
+    write(b: Buffer, cb?: (err?: Error | null) => void): boolean;
+  },
   f: Frame,
+  onFlushed?: () => void,
 ): boolean {
   sock.cork();
+  const parts = encodeFrame(f);
   let ok = true;
-  for (const part of encodeFrame(f)) ok = sock.write(part) && ok;
+  parts.forEach((part, i) => {
+    ok = (i === parts.length - 1 && onFlushed ? sock.write(part, () => onFlushed()) : sock.write(part)) && ok;
+  });
   sock.uncork();
   return ok;
 }

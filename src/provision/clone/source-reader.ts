@@ -15,6 +15,11 @@ export const readerLimits = {
   readAheadChunks: 4,
   /** Longest run of zero chunks sent as one ZERO record (the frame length field is 32 bits). */
   zeroRunMaxBytes: 256 * 1024 * 1024,
+  /**
+   * Chunk buffers kept for reuse once the socket has taken them (fresh 1 MiB buffers cost page
+   * faults and garbage collection on every chunk).
+   */
+  poolBuffersMax: 16,
 } as const;
 
 /** Sorted, non-overlapping [start, end) byte ranges the filesystem uses. */
@@ -56,6 +61,7 @@ interface Chunk {
 
 export class ChunkReader {
   private readonly pending = new Map<number, Promise<Chunk>>();
+  private readonly pool: Buffer[] = [];
 
   constructor(
     private readonly fh: FileHandle,
@@ -67,7 +73,8 @@ export class ChunkReader {
   private load(offset: number, n: number): Promise<Chunk> {
     const parts = this.used ? usedParts(this.used, offset, n) : null;
     if (parts && parts.length === 0) return Promise.resolve({ offset, lengthBytes: n, data: null });
-    const buf = Buffer.allocUnsafe(n);
+    const pooled = n === this.chunkBytes ? this.pool.pop() : undefined;
+    const buf = pooled ?? Buffer.allocUnsafe(n);
     return readFully(this.fh, buf, offset).then(() => {
       if (parts) {
         // Unused blocks travel as zeros: their old contents mean nothing to the filesystem.
@@ -78,8 +85,15 @@ export class ChunkReader {
         }
         if (at < n) buf.fill(0, at, n);
       }
-      return { offset, lengthBytes: n, data: isAllZero(buf) ? null : buf };
+      if (!isAllZero(buf)) return { offset, lengthBytes: n, data: buf };
+      this.release(buf);
+      return { offset, lengthBytes: n, data: null };
     });
+  }
+
+  /** A chunk buffer nothing refers to any more (written to the socket, hashed) may be reused. */
+  release(buf: Buffer): void {
+    if (buf.length === this.chunkBytes && this.pool.length < readerLimits.poolBuffersMax) this.pool.push(buf);
   }
 
   /** The chunk at offset (bytes below availBytes only), starting reads of the next ones. */
@@ -136,8 +150,10 @@ export async function streamDigest(
   const d = new ChunkedDigest(chunkBytes);
   for (let off = 0; off < sizeBytes;) {
     const c = await reader.chunk(off, sizeBytes);
-    if (c.data) d.update(c.data);
-    else d.zeros(c.lengthBytes);
+    if (c.data) {
+      d.update(c.data);
+      reader.release(c.data);
+    } else d.zeros(c.lengthBytes);
     off += c.lengthBytes;
   }
   reader.reset();
