@@ -20,6 +20,8 @@ const hasQemu = spawnSync('qemu-system-x86_64', ['-version']).status === 0;
 const skip = hasQemu ? false : 'needs qemu-system-x86_64 (Debian: apt-get install qemu-system-x86)';
 
 const GRACE_MS = 6000;
+/** the grace of the destroy-during-shutdown case: far longer than the CLI takes to start */
+const LONG_GRACE_MS = 60000;
 /** a loaded host starts the CLI slowly: more than TestCluster.cli's bound */
 const CLI_TIMEOUT_MS = 120_000;
 
@@ -122,5 +124,30 @@ describe('vm shutdown and vm destroy on a running VM', { timeout: 400_000, skip 
     assert.equal((await spec()).killOnStop, undefined);
     const again = await running();
     again.qmp.close();
+  });
+
+  it('destroy during a shutdown that waits out its grace kills at once', async () => {
+    // the definition's grace is what counts, also for a VM that runs already: make it long
+    const s0 = await spec();
+    await c.store.put(
+      c.k.resource(id),
+      JSON.stringify({ ...s0, vm: { ...s0.vm, shutdownTimeoutMs: LONG_GRACE_MS } }),
+    );
+    const vm = await running();
+    try {
+      const t0 = performance.now();
+      cli('vm', 'shutdown', id);
+      await c.waitFor('the power-down sent', async () => vm.events.includes('POWERDOWN'), 30000, 20);
+      cli('vm', 'destroy', id);
+      await goneAfter(vm);
+      const ms = performance.now() - t0;
+      assert.ok(
+        ms < LONG_GRACE_MS - 5000,
+        `gone after ${Math.round(ms)} ms: the destroy waited for the grace`,
+      );
+      assert.match((await reported()).reason, /killed at once during the ACPI shutdown/);
+    } finally {
+      vm.qmp.close();
+    }
   });
 });

@@ -479,7 +479,13 @@ export class Agent {
       const keep =
         this.phase !== 'leaving' &&
         ((a && a.run && a.epoch === l.epoch) || (target !== undefined && target.targetEpoch === l.epoch));
-      if (!keep) this.serial(l.id, () => this.stopLocal(l, a, specs.get(l.id)));
+      if (!keep) {
+        const spec = specs.get(l.id);
+        // a destroy while a graceful stop waits out its grace: the driver kills at once
+        if (l.state === 'stopping' && this.busy.has(l.id) && spec && stopGraceMs(spec) === 0)
+          void this.o.driver.stop(l.id, { graceMs: 0 }).catch(() => undefined);
+        this.serial(l.id, () => this.stopLocal(l, a, spec));
+      }
     }
     // live migration: prepare incoming copies here; send outgoing ones when told to
     if (canStart) this.reconcileMigrations(assigned, incoming, local, specs, reported);

@@ -99,6 +99,8 @@ interface VmEntry {
   leaving: boolean;
   logOffset: number;
   incoming?: { host: string; port: number };
+  /** a stop without grace arrived while a graceful one waited for the guest */
+  killNow?: boolean;
   /** wakes migrateOut's wait for the next query-migrate (QEMU's MIGRATION event) */
   migrationWake?: () => void;
   /** adopted with an outgoing migration left by the earlier agent (see LocalResource.outgoing) */
@@ -424,7 +426,10 @@ export class QemuDriver implements Driver {
     if (!e) return { id, epoch: 0, state: 'stopped', reason: 'not running' };
     if (e.stopping) {
       // a destroy during a graceful shutdown: kill now, do not wait out the grace
-      if (opts.graceMs === 0 && !e.gone && this.live(e)) await this.kill(e);
+      if (opts.graceMs === 0 && !e.killNow && !e.gone && this.live(e)) {
+        e.killNow = true;
+        void this.kill(e);
+      }
       return e.stopping;
     }
     e.stopping = this.doStop(e, opts).finally(() => (e.stopping = undefined));
@@ -444,7 +449,9 @@ export class QemuDriver implements Driver {
         await e.qmp.execute('system_powerdown').catch(() => undefined);
         const t0 = performance.now();
         await Promise.race([e.exited, sleep(timeoutMs), this.goneByPoll(e, timeoutMs)]);
-        reason = `guest shut down after ACPI power-down (${Math.round(performance.now() - t0)} ms)`;
+        reason = e.killNow
+          ? `killed at once during the ACPI shutdown (after ${Math.round(performance.now() - t0)} ms)`
+          : `guest shut down after ACPI power-down (${Math.round(performance.now() - t0)} ms)`;
       }
       if (this.live(e)) {
         reason =
