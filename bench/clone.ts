@@ -7,7 +7,7 @@
 // Throughput per receiver counts the whole image (skipped zero blocks included), as the issue asks.
 //
 //   npx tsx bench/clone.ts [--size-mib 1024] [--receivers 1,2,4] [--rate 1gbit] [--no-udpcast]
-//                          [--only corral,unicast,udpcast]
+//                          [--only corral,tls,unicast,udpcast]   (tls: corral clone --tls; not by default)
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -93,7 +93,7 @@ function run(
   });
 }
 
-async function cloneRun(src: string, n: number): Promise<number> {
+async function cloneRun(src: string, n: number, tls = false): Promise<number> {
   const secretFile = join(dir, 'secret');
   writeFileSync(secretFile, 'bench-secret-0123456789abcdef\n');
   const server = corral(
@@ -116,9 +116,11 @@ async function cloneRun(src: string, n: number): Promise<number> {
       '120000',
       '--rejoin-wait-ms',
       '0',
+      ...(tls ? ['--tls'] : []),
     ],
     { prefix: prefix(0) },
   );
+  const fp = tls ? (await server.waitFor(/fingerprint \(sha256\): ([0-9A-F:]+)/, 60_000))[1]! : null;
   await server.waitFor(/listening on/, 60_000);
   const rs = Array.from({ length: n }, (_, k) =>
     corral(
@@ -136,6 +138,7 @@ async function cloneRun(src: string, n: number): Promise<number> {
         '--name',
         `r${k + 1}`,
         '--quiet',
+        ...(fp ? ['--tls-fingerprint', fp] : []),
       ],
       { prefix: prefix(k + 1) },
     ),
@@ -251,6 +254,7 @@ async function main(): Promise<void> {
   };
   for (const n of counts) {
     if (only.has('corral')) await measure('corral clone', n, () => cloneRun(src, n));
+    if (only.has('tls')) await measure('corral --tls', n, () => cloneRun(src, n, true));
     if (only.has('unicast')) await measure('unicast xN', n, () => unicastRun(src, n));
     if (haveUdpcast && only.has('udpcast')) await measure('udpcast', n, () => udpcastRun(src, n));
     for (const r of rows.filter((x) => x.n === n))
