@@ -152,6 +152,12 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
     const wildcard = host === '0.0.0.0' || host === '::';
     const addr = o.config.nodes.find((n) => n.name === o.node)?.address ?? host;
     const h = wildcard ? addr : host;
+    const loopback = (a: string) => a === 'localhost' || a === '::1' || a.startsWith('127.');
+    if (loopback(h) && !loopback(addr))
+      log(
+        'warn',
+        `the API listens on ${h}: other nodes cannot forward ${o.node}'s VM consoles here; listen on 0.0.0.0 or ${addr}`,
+      );
     forget = await recordApiEndpoint(o.store, k, {
       node: o.node,
       url: `${scheme}://${h.includes(':') ? `[${h}]` : h}:${port}`,
