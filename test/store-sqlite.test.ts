@@ -313,7 +313,11 @@ describe('sqlite store: files, errors, limits', () => {
         return l.errors[0];
       });
       assert.equal(err.code, 'CORRAL_STORE_COMPACTED');
-      assert.equal(err.compactRevision, head - 50);
+      // the sweeper may compact while the puts are still going: at least 50 revisions stay
+      assert.ok(
+        err.compactRevision !== undefined && err.compactRevision > 1 && err.compactRevision <= head - 50,
+        `compacted at ${err.compactRevision}, head ${head}`,
+      );
       const w = await store.watch(p, { ...log, startRevision: head - 50 });
       const ev = await log.waitEvents(51);
       assert.equal(ev[0]?.revision, head - 50);

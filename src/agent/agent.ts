@@ -43,6 +43,13 @@ export const agentLimits = {
   leaveWaitMs: 60000,
   /** migration progress is written to the store at most this often */
   migrationReportEveryMs: 1000,
+  /**
+   * starts in flight at once (claim, spawn, health check); more wait in priority order.
+   * Fifty spawns at once stalled the event loop for seconds on a busy host (each spawn blocks
+   * until the child execs), long enough for the lease to lapse: a node taking over many
+   * resources must still renew its lease.
+   */
+  startsInFlightMax: 16,
 };
 
 export interface AgentOptions {
@@ -79,6 +86,9 @@ export class Agent {
   private flags: ClusterFlags = defaultFlags;
   private watcher: Watcher | undefined;
   private readonly busy = new Map<string, Promise<void>>();
+  /** starts holding a slot (at most agentLimits.startsInFlightMax) and those waiting for one */
+  private startsInFlight = 0;
+  private readonly startsWaiting: { priority: number; go: () => void }[] = [];
   /** epochs assigned to us before we (re)joined: never started again, the manager must re-place */
   private readonly epochFloor = new Map<string, number>();
   /** modRevision of each assignment we last read, for the claim txn before a start */
@@ -283,6 +293,9 @@ export class Agent {
       waitMs = this.o.timings.renewIntervalMs;
       try {
         await this.o.store.leaseKeepAlive(lease);
+        const tookMs = env.nowMs() - sentMs;
+        if (tookMs > this.o.timings.renewIntervalMs)
+          env.log('warn', 'lease renewal slow', { tookMs, renewIntervalMs: this.o.timings.renewIntervalMs });
         if (this.lease === lease && this.phase === 'joined') this.renewed(sentMs);
       } catch (e) {
         if (!(e instanceof StoreError)) throw e;
@@ -717,6 +730,37 @@ export class Agent {
 
   private async startLocal(spec: ResourceSpec, epoch: number): Promise<void> {
     if (this.phase !== 'joined') return;
+    await this.startSlot(spec.priority);
+    try {
+      await this.startLocalInSlot(spec, epoch);
+    } finally {
+      this.startsInFlight--;
+      this.startsWaiting.shift()?.go();
+    }
+  }
+
+  /** Wait for one of agentLimits.startsInFlightMax start slots; higher priority goes first. */
+  private startSlot(priority: number): Promise<void> {
+    if (this.startsInFlight < agentLimits.startsInFlightMax) {
+      this.startsInFlight++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      const w = {
+        priority,
+        go: () => {
+          this.startsInFlight++;
+          resolve();
+        },
+      };
+      const at = this.startsWaiting.findIndex((x) => x.priority < priority);
+      if (at < 0) this.startsWaiting.push(w);
+      else this.startsWaiting.splice(at, 0, w);
+    });
+  }
+
+  private async startLocalInSlot(spec: ResourceSpec, epoch: number): Promise<void> {
+    if (this.phase !== 'joined') return; // fenced or leaving while waiting for a slot
     // Claim: the 'starting' report lands only if the assignment is still the one we read,
     // and the manager's re-placement is guarded on this report: one of the two wins.
     const claim: AgentStatus = { epoch, state: 'starting', reason: 'starting', sinceMs: this.o.env.nowMs() };

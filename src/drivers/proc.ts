@@ -56,6 +56,21 @@ export function startTimeOf(pid: number): number | null {
   return st && !isGoneState(st.state) ? st.startTime : null;
 }
 
+/**
+ * False only when no process (not even a zombie) is in the group: kill(-pgid, 0) fails with
+ * ESRCH. One system call, where a /proc scan reads every process on the host; EPERM (someone
+ * else's group) counts as existing.
+ */
+function groupExists(pgid: number): boolean {
+  if (!Number.isInteger(pgid) || pgid <= 1) return false;
+  try {
+    process.kill(-pgid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
+}
+
 /** Live (non-zombie) members of a process group, by scanning /proc. */
 export function groupMembers(pgid: number): number[] {
   const out: number[] = [];
@@ -80,6 +95,7 @@ export function groupMembers(pgid: number): number[] {
  * still carry our pgid (Linux never reuses a pid while it names a live group).
  */
 export function groupAlive(pgid: number, leaderStartTime: number): boolean {
+  if (!groupExists(pgid)) return false;
   const leader = readProcStat(pgid);
   if (leader && !isGoneState(leader.state)) {
     if (leader.startTime === leaderStartTime) return true;
@@ -97,6 +113,7 @@ export function groupsAlive(groups: { pgid: number; startTime: number }[]): bool
   const out: boolean[] = [];
   const unsure: number[] = [];
   groups.forEach((g, i) => {
+    if (!groupExists(g.pgid)) return (out[i] = false);
     const leader = readProcStat(g.pgid);
     if (leader && !isGoneState(leader.state)) {
       if (leader.startTime === g.startTime) return (out[i] = true);

@@ -123,6 +123,8 @@ export class ProcessDriver implements Driver {
   private readonly stateDir: string;
   private readonly env: Pick<Env, 'log'>;
   private readonly entries = new Map<string, Entry>();
+  /** the last spawn queued by spawnTurn() */
+  private spawnChain: Promise<void> = Promise.resolve();
   private readonly handlers: ((ev: DriverEvent) => void)[] = [];
   private closed = false;
   /** an in-flight killAll(): starts wait for it */
@@ -239,6 +241,18 @@ export class ProcessDriver implements Driver {
     return !this.closed && e.state === 'starting' && this.entries.get(e.id) === e;
   }
 
+  /**
+   * One spawn per turn of the event loop. spawn() blocks until the child has exec'd, which on
+   * a loaded host takes from tens to hundreds of ms; fifty in one turn stalled the agent's
+   * timers (lease renewal, self-fence) for seconds. Each caller waits for the spawn before it
+   * and for one more turn, so due timers run between two spawns.
+   */
+  private spawnTurn(): Promise<void> {
+    const turn = this.spawnChain.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
+    this.spawnChain = turn;
+    return turn;
+  }
+
   private async doStart(e: Entry): Promise<LocalResource> {
     if (!e.spec.process) return this.failStart(e, `kind ${e.spec.kind} is not run by the process driver`);
     const p = procOf(e.spec);
@@ -248,6 +262,7 @@ export class ProcessDriver implements Driver {
       if ('error' in r) return this.failStart(e, r.error);
       ids = r;
     }
+    await this.spawnTurn();
     if (!this.current(e)) return this.aborted(e);
     if (p.cwd !== undefined) {
       let isDir = false;

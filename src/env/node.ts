@@ -37,3 +37,25 @@ export function nodeEnv(o: NodeEnvOptions): Env {
     },
   };
 }
+
+/** a stall of the event loop longer than this is logged (timers, renewals and I/O all wait behind it) */
+export const eventLoopStallWarnMs = 500;
+/** how often the stall monitor's timer is due */
+const stallProbeEveryMs = 100;
+
+/**
+ * Log every stall of this process's event loop longer than eventLoopStallWarnMs: a stalled
+ * agent cannot renew its lease, so a stall is the first thing to look for when an agent
+ * self-fences on a busy machine. Returns a function that stops the monitor.
+ */
+export function watchEventLoopStalls(env: Env): () => void {
+  let dueMs = Date.now() + stallProbeEveryMs;
+  const t = setInterval(() => {
+    const now = Date.now();
+    const lateMs = now - dueMs;
+    if (lateMs > eventLoopStallWarnMs) env.log('warn', 'event loop stalled', { stalledMs: lateMs });
+    dueMs = now + stallProbeEveryMs;
+  }, stallProbeEveryMs);
+  t.unref();
+  return () => clearInterval(t);
+}

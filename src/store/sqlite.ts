@@ -169,6 +169,10 @@ function isBusy(e: unknown): boolean {
   return c.startsWith('SQLITE_BUSY') || c.startsWith('SQLITE_LOCKED');
 }
 
+function yieldToEventLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -326,9 +330,48 @@ export class SqliteStore implements Store {
     return e;
   }
 
-  /** run fn now; while another process holds the write lock, retry until opTimeoutMs has passed */
-  private async run<T>(what: string, fn: () => T): Promise<T> {
+  /** a call holds the turn (see takeTurn); the others wait here, urgent ones (leases) first */
+  private turnTaken = false;
+  private readonly turnQueue: (() => void)[] = [];
+  private turnQueueUrgent = 0;
+
+  /** run fn in its turn; while another process holds the write lock, retry until opTimeoutMs has passed */
+  private async run<T>(what: string, fn: () => T, urgent = false): Promise<T> {
     this.checkOpen(what);
+    await this.takeTurn(urgent);
+    try {
+      this.checkOpen(what);
+      return await this.runNow(what, fn);
+    } finally {
+      this.passTurn();
+    }
+  }
+
+  /**
+   * One call per turn of the event loop, lease calls first. better-sqlite3 answers
+   * synchronously (a commit includes its fsync), so without this a burst of awaited calls
+   * (sixty resource starts, say) runs as one long chain of microtasks, and due timers (lease
+   * renewal, the self-fence deadline) wait behind all of it: agents lost their leases.
+   */
+  private takeTurn(urgent: boolean): Promise<void> {
+    if (!this.turnTaken) {
+      this.turnTaken = true;
+      return yieldToEventLoop();
+    }
+    return new Promise((go) => {
+      if (urgent) this.turnQueue.splice(this.turnQueueUrgent++, 0, go);
+      else this.turnQueue.push(go);
+    });
+  }
+
+  private passTurn(): void {
+    const next = this.turnQueue.shift();
+    if (this.turnQueueUrgent > 0) this.turnQueueUrgent--;
+    if (next) setImmediate(next);
+    else this.turnTaken = false;
+  }
+
+  private async runNow<T>(what: string, fn: () => T): Promise<T> {
     const deadlineMs = Date.now() + this.opTimeoutMs;
     for (;;) {
       try {
@@ -580,19 +623,24 @@ export class SqliteStore implements Store {
   }
 
   private leaseWrite<T>(id: number, what: string, fn: (l: LeaseRow, nowMs: number) => T): Promise<T> {
-    return this.run(what, () => {
-      if (typeof id !== 'number' || !Number.isSafeInteger(id) || id <= 0) throw this.leaseNotFound(id, what);
-      const out: LeaseOutcome<T> = this.write((nowMs) => {
-        const l = this.st.getLease.get(id) as LeaseRow | undefined;
-        if (!l || l.expires_at_ms <= nowMs) {
-          if (l) this.revokeSync(l.id); // expired: revoke it now, as the sweeper would
-          return { ok: false };
-        }
-        return { ok: true, value: fn(l, nowMs) };
-      });
-      if (!out.ok) throw this.leaseNotFound(id, what);
-      return out.value;
-    });
+    return this.run(
+      what,
+      () => {
+        if (typeof id !== 'number' || !Number.isSafeInteger(id) || id <= 0)
+          throw this.leaseNotFound(id, what);
+        const out: LeaseOutcome<T> = this.write((nowMs) => {
+          const l = this.st.getLease.get(id) as LeaseRow | undefined;
+          if (!l || l.expires_at_ms <= nowMs) {
+            if (l) this.revokeSync(l.id); // expired: revoke it now, as the sweeper would
+            return { ok: false };
+          }
+          return { ok: true, value: fn(l, nowMs) };
+        });
+        if (!out.ok) throw this.leaseNotFound(id, what);
+        return out.value;
+      },
+      true,
+    );
   }
 
   leaseKeepAlive(id: number): Promise<{ remainingTtlMs: number }> {

@@ -6,7 +6,7 @@ import { action, UsageError } from '../program.js';
 import { addConfigOption, resolveConfigPath } from '../context.js';
 import { loadClusterConfig } from '../../config/schema.js';
 import { openStore } from '../../store/index.js';
-import { nodeEnv } from '../../env/node.js';
+import { nodeEnv, watchEventLoopStalls } from '../../env/node.js';
 import { ProcessDriver } from '../../drivers/process.js';
 import { QemuDriver } from '../../drivers/qemu.js';
 import { CompositeDriver } from '../../drivers/composite.js';
@@ -92,6 +92,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
   const stateDir = nodeStateDir(opts.stateRoot, me.name);
   mkdirSync(stateDir, { recursive: true });
   const env = nodeEnv({ name: me.name, level: opts.logLevel });
+  const stopStallWatch = watchEventLoopStalls(env);
   const t = config.timings;
   const store = await openStoreRetrying(config.store, Math.max(500, t.renewIntervalMs), env);
   const driver = new CompositeDriver({
@@ -139,6 +140,7 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
         await driver.close();
         await store.close().catch(() => undefined);
         removePidfile();
+        stopStallWatch();
       });
     return stopping;
   };
