@@ -50,6 +50,8 @@ export const agentLimits = {
    * resources must still renew its lease.
    */
   startsInFlightMax: 16,
+  /** while a monitor vouches for the node past its lease deadline, look again this often */
+  vouchRecheckMs: 100,
 };
 
 export interface AgentOptions {
@@ -83,6 +85,8 @@ export class Agent {
   private incarnation = 0;
   private lastRenewOkSentMs = 0;
   private cancelSelfFence: (() => void) | undefined;
+  /** past the lease deadline, kept alive by a monitor's vouch (see leaseDeadline) */
+  private vouched = false;
   private flags: ClusterFlags = defaultFlags;
   private watcher: Watcher | undefined;
   private readonly busy = new Map<string, Promise<void>>();
@@ -264,11 +268,45 @@ export class Agent {
     const t = this.o.timings;
     const allowMs = sentMs + t.leaseTtlMs - t.selfFenceMarginMs - this.o.env.nowMs();
     if (this.flags.armed) this.o.watchdog?.feed(Math.max(0, allowMs));
+    if (this.vouched) {
+      this.vouched = false;
+      this.o.env.log('info', 'store reachable again: the lease is renewed');
+    }
     this.cancelSelfFence?.();
-    this.cancelSelfFence = this.o.env.setTimer(
-      Math.max(0, allowMs),
-      () => void this.selfFence('lease not renewed in time'),
-    );
+    this.cancelSelfFence = this.o.env.setTimer(Math.max(0, allowMs), () => this.leaseDeadline());
+  }
+
+  /**
+   * The lease was not renewed in time. Self-fence, unless a monitor the manager can fence
+   * through (the heartbeat disk with an sbd device) vouches for this node: then the store is
+   * lost alone (etcd without quorum, say), and a manager that still has the store must fence
+   * us through the disk, whose poison pill we obey within one interval. Resources keep running
+   * while the vouch lasts; the watchdog is fed up to its end, so a frozen agent still dies.
+   */
+  private leaseDeadline(): void {
+    const env = this.o.env;
+    const nowMs = env.nowMs();
+    const untilMs = Math.max(0, ...(this.o.monitors ?? []).map((m) => m.vouchUntilMs?.() ?? 0));
+    if (this.flags.armed && this.phase === 'joined' && untilMs > nowMs) {
+      if (!this.vouched)
+        env.log(
+          'warn',
+          'lease not renewed in time, but the heartbeat disk vouches for this node: not self-fencing',
+          {
+            monitors: (this.o.monitors ?? [])
+              .filter((m) => (m.vouchUntilMs?.() ?? 0) > nowMs)
+              .map((m) => m.name),
+          },
+        );
+      this.vouched = true;
+      this.o.watchdog?.feed(untilMs - nowMs);
+      this.cancelSelfFence?.();
+      this.cancelSelfFence = env.setTimer(Math.min(untilMs - nowMs, agentLimits.vouchRecheckMs), () =>
+        this.leaseDeadline(),
+      );
+      return;
+    }
+    void this.selfFence('lease not renewed in time');
   }
 
   private async renewLoop(): Promise<void> {

@@ -118,6 +118,12 @@ export interface NodeMonitor {
   readonly name: string;
   start(ctx: NodeMonitorContext): Promise<void>;
   stop(): Promise<void>;
+  /**
+   * Until when (Env time) this monitor vouches that the node may keep its resources without
+   * the store, or 0. Only a channel the manager can fence through (the heartbeat disk with an
+   * sbd device: a poison pill is obeyed within one interval) may vouch: see DiskHeartbeat.
+   */
+  vouchUntilMs?(): number;
 }
 
 export interface NodeMonitorContext {

@@ -396,6 +396,14 @@ export interface DiskHeartbeatOptions {
   lossMs?: number;
   env: Pick<Env, 'nowMs' | 'setTimer' | 'log'>;
   ioTimeoutMs?: number;
+  /**
+   * Vouch for the node for this long after each good round (mailbox read without a pill, slot
+   * written), so the agent keeps its resources when it loses the store alone (etcd without
+   * quorum). Only safe when the manager fences this node through the disk (an sbd device): it
+   * must stay below the device's msgwaitMs minus the time a self-fence takes, since the
+   * fencer counts a slot silent for msgwaitMs as fenced. Undefined: never vouch.
+   */
+  vouchMs?: number;
 }
 
 /**
@@ -413,6 +421,8 @@ export class DiskHeartbeat implements NodeMonitor {
   private ackSeq = 0;
   private ackAtMs = 0;
   private lastOkMs = 0;
+  /** end of the last good round: mailbox read without a pill, then slot written */
+  private lastGoodRoundMs = 0;
   private lost = false;
   private stopped = false;
   private cancel: (() => void) | undefined;
@@ -493,6 +503,7 @@ export class DiskHeartbeat implements NodeMonitor {
         ackAtMs: this.ackAtMs,
       });
       this.lastOkMs = env.nowMs();
+      if (mail.pillSeq <= this.ackSeq) this.lastGoodRoundMs = this.lastOkMs;
       await h.close();
       this.handle = undefined;
       if (this.lost) env.log('info', 'heartbeat disk reachable again');
@@ -508,6 +519,11 @@ export class DiskHeartbeat implements NodeMonitor {
     }
     if (this.lost && !this.stopped && ctx.joined() && !ctx.storeHealthy())
       await ctx.selfFence('lost both the store and the heartbeat disk');
+  }
+
+  vouchUntilMs(): number {
+    if (this.o.vouchMs === undefined || this.lost || this.stopped || this.lastGoodRoundMs === 0) return 0;
+    return this.lastGoodRoundMs + this.o.vouchMs;
   }
 
   private async obeyPill(mail: Mailbox): Promise<void> {

@@ -188,10 +188,22 @@ function nodeMonitors(
     }),
   );
   const monitors: NodeMonitor[] = [];
-  if (me.disk)
+  if (me.disk) {
+    // With an sbd device the manager fences this node through the disk, so the disk may vouch
+    // for it when the store alone is lost (no needless self-fence while etcd has no quorum).
+    // Half of msgwaitMs: the other half covers the kill before the fencer counts silence.
+    const sbd = me.fence.find((d) => d.type === 'sbd');
+    const vouchMs = sbd && sbd.type === 'sbd' ? Math.floor(sbd.msgwaitMs / 2) : undefined;
     monitors.push(
-      new DiskHeartbeat({ path: me.disk.device, slot: me.disk.slot, intervalMs: me.disk.intervalMs, env }),
+      new DiskHeartbeat({
+        path: me.disk.device,
+        slot: me.disk.slot,
+        intervalMs: me.disk.intervalMs,
+        vouchMs: vouchMs !== undefined && vouchMs > 2 * me.disk.intervalMs ? vouchMs : undefined,
+        env,
+      }),
     );
+  }
   if (config.network.knownAddresses.length > 0)
     monitors.push(
       new Reachability({ addresses: config.network.knownAddresses, intervalMs: t.monitorIntervalMs, env }),
