@@ -5,7 +5,8 @@
 // Usage: npx tsx bench/failover.ts [--runs 10] [--ks 1,10,50] [--ttls 4000,1500]
 import { request } from 'node:http';
 import { join } from 'node:path';
-import { TestCluster } from '../test/helpers/cluster.js';
+import { spawn } from 'node:child_process';
+import { TestCluster, echoService } from '../test/helpers/cluster.js';
 import { fenceLocal } from '../src/fence/local.js';
 
 const arg = (name: string, dflt: string) => {
@@ -108,8 +109,43 @@ async function measure(ttl: number, k: number): Promise<Row> {
   return row;
 }
 
+/**
+ * The floor for the restart phase, measured in the same run: spawn the same K services
+ * directly (no Corral) and wait until every one answers, as the bench does after a crash.
+ */
+async function bareStartMs(k: number): Promise<number> {
+  const port0 = basePort + 500;
+  const t0 = Date.now();
+  const kids = Array.from({ length: k }, (_, i) =>
+    spawn(process.execPath, [echoService, String(port0 + i)], {
+      stdio: 'ignore',
+      env: { ...process.env, CORRAL_NODE: 'bare', CORRAL_RESOURCE: `b${i}` },
+    }),
+  );
+  try {
+    const pending = new Set(Array.from({ length: k }, (_, i) => port0 + i));
+    while (pending.size > 0) {
+      await Promise.all(
+        [...pending].map(async (p) => ((await whoServes(p)) ? pending.delete(p) : undefined)),
+      );
+      if (Date.now() - t0 > 60000) throw new Error(`bare start: ${pending.size} never answered`);
+      if (pending.size > 0) await new Promise((r) => setTimeout(r, 20));
+    }
+    return Date.now() - t0;
+  } finally {
+    for (const c of kids) c.kill('SIGKILL');
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
 const rows: Row[] = [];
 for (const ttl of ttls) for (const k of ks) rows.push(await measure(ttl, k));
+const bare = new Map<number, number[]>();
+for (const k of ks) {
+  const xs: number[] = [];
+  for (let i = 0; i < Math.min(runs, 5); i++) xs.push(await bareStartMs(k));
+  bare.set(k, xs);
+}
 
 const f = (xs: number[]) =>
   xs.length ? `${(pct(xs, 50) / 1000).toFixed(2)} / ${(pct(xs, 99) / 1000).toFixed(2)}` : '-';
@@ -117,7 +153,19 @@ console.log(
   `\nfailover: crash (agent + services SIGKILLed, local fence device) -> every service answers elsewhere`,
 );
 console.log(`runs per row: ${runs}; 3 nodes on one SQLite store; figures p50 / p99 in seconds`);
-console.log(['lease TTL', 'K', 'total', 'detection', 'fencing', 'restart', 'total / TTL (p50)'].join(' | '));
+console.log(
+  [
+    'lease TTL',
+    'K',
+    'total',
+    'detection',
+    'fencing',
+    'restart',
+    'total / TTL (p50)',
+    'bare start of K (p50)',
+    'restart / bare (p50)',
+  ].join(' | '),
+);
 for (const r of rows)
   console.log(
     [
@@ -128,6 +176,8 @@ for (const r of rows)
       f(r.fence),
       f(r.restart),
       (pct(r.total, 50) / r.ttl).toFixed(2),
+      `${(pct(bare.get(r.k) ?? [], 50) / 1000).toFixed(2)}`,
+      (pct(r.restart, 50) / pct(bare.get(r.k) ?? [], 50)).toFixed(2),
     ].join(' | '),
   );
 console.log('\ntargets: default timings p50 <= 5 s, p99 <= 7 s; lease TTL 1.5 s p50 <= 2.5 s');

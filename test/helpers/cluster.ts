@@ -240,7 +240,9 @@ export class TestCluster {
       );
     }
     for (const a of this.agents.values()) if (a.exitCode === null) a.kill('SIGKILL');
-    if (!process.env.CORRAL_KEEP_TEST_DIRS) rmSync(this.dir, { recursive: true, force: true });
+    // retried: a service killed a moment ago may still be closing its log file
+    if (!process.env.CORRAL_KEEP_TEST_DIRS)
+      rmSync(this.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
   }
 }
 
