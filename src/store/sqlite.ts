@@ -51,6 +51,8 @@ import {
 
 /** longest a single SQLite call may block the event loop waiting for another process's lock */
 export const sqliteBusyTimeoutMsMax = 20;
+/** a process leaves the file unlocked this long between two queued writes (fairness to other processes) */
+export const writeGapMs = 2;
 /** upper bound of the random pause between two attempts on a locked file */
 export const busyRetryDelayMsMax = 4;
 /** how often each open instance revokes expired leases (and checks auto-compaction) */
@@ -334,6 +336,7 @@ export class SqliteStore implements Store {
   private turnTaken = false;
   private readonly turnQueue: (() => void)[] = [];
   private turnQueueUrgent = 0;
+  private turnWrote = false;
 
   /** run fn in its turn; while another process holds the write lock, retry until opTimeoutMs has passed */
   private async run<T>(what: string, fn: () => T, urgent = false): Promise<T> {
@@ -367,8 +370,14 @@ export class SqliteStore implements Store {
   private passTurn(): void {
     const next = this.turnQueue.shift();
     if (this.turnQueueUrgent > 0) this.turnQueueUrgent--;
-    if (next) setImmediate(next);
-    else this.turnTaken = false;
+    const wrote = this.turnWrote;
+    this.turnWrote = false;
+    if (!next) this.turnTaken = false;
+    // After a write with more queued, leave the file unlocked for writeGapMs: other processes
+    // poll for the lock every few ms, and a gap of one event-loop turn starved them (an agent's
+    // lease renewal waited 400-700 ms behind another agent's burst of starts).
+    else if (wrote) setTimeout(next, writeGapMs);
+    else setImmediate(next);
   }
 
   private async runNow<T>(what: string, fn: () => T): Promise<T> {
@@ -391,6 +400,7 @@ export class SqliteStore implements Store {
   }
 
   private write<T>(fn: (nowMs: number) => T): T {
+    this.turnWrote = true;
     const result = this.db
       .transaction(() => {
         const nowMs = Date.now();
