@@ -76,6 +76,8 @@ interface Entry {
   epoch: number;
   state: LocalResource['state'];
   reason: string;
+  /** why a start in flight was taken over, kept after the stop rewrites reason */
+  abortedBecause?: string;
   spec: ResourceSpec;
   specHash: string;
   logPath: string;
@@ -374,7 +376,12 @@ export class ProcessDriver implements Driver {
 
   /** the start attempt was taken over by stop(), killAll() or close() */
   private aborted(e: Entry): LocalResource {
-    return { id: e.id, epoch: e.epoch, state: 'failed', reason: `start aborted: ${e.reason}` };
+    return {
+      id: e.id,
+      epoch: e.epoch,
+      state: 'failed',
+      reason: `start aborted: ${e.abortedBecause ?? e.reason}`,
+    };
   }
 
   private async failStart(e: Entry, reason: string): Promise<LocalResource> {
@@ -482,6 +489,7 @@ export class ProcessDriver implements Driver {
     this.clearTimers(e);
     e.state = 'stopping';
     e.reason = prev === 'starting' ? 'stopped while starting' : 'stopping';
+    if (prev === 'starting') e.abortedBecause = e.reason;
     if (e.pgid !== undefined && e.startTime !== undefined && this.groupLive(e)) {
       signalGroup(e.pgid, p.stopSignal);
       reason = `stopped with ${p.stopSignal}`;
