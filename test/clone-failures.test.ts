@@ -9,7 +9,14 @@ import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { corral, exitWithin, killAll, makeImage, type Proc } from '../src/provision/clone/testing.js';
+import {
+  corral,
+  exitWithin,
+  killAll,
+  makeImage,
+  serveLoopback,
+  type Proc,
+} from '../src/provision/clone/testing.js';
 import type { ServerStatus } from '../src/provision/clone/server.js';
 
 const MiB = 1024 * 1024;
@@ -25,28 +32,13 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 function serve(source: string, sessionName: string, expect: number, extra: string[] = []) {
   const secretFile = join(dir, `${sessionName}.secret`);
   writeFileSync(secretFile, `s3cret-${sessionName}-0123456789abcdef\n`);
-  const server = corral([
-    'clone',
-    'serve',
-    '--source',
+  const server = serveLoopback({
     source,
-    '--expect',
-    String(expect),
-    '--session',
-    sessionName,
-    '--host',
-    '127.0.0.1',
-    '--port',
-    '0',
-    '--secret-file',
+    expect,
+    session: sessionName,
     secretFile,
-    '--json',
-    '--timeout-ms',
-    '60000',
-    '--stall-ms',
-    '1500',
-    ...extra,
-  ]);
+    extra: ['--stall-ms', '1500', ...extra],
+  });
   return { server, secretFile };
 }
 

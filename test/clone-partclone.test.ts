@@ -8,7 +8,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { corral, exitWithin, killAll, makeImage } from '../src/provision/clone/testing.js';
+import { corral, exitWithin, killAll, makeImage, serveLoopback } from '../src/provision/clone/testing.js';
 
 const MiB = 1024 * 1024;
 const dir = mkdtempSync(join(tmpdir(), 'corral-clonepc-'));
@@ -48,25 +48,7 @@ const secretFile = join(dir, 'secret');
 writeFileSync(secretFile, 'partclone-secret-0123456789abcdef\n');
 
 async function cloneOnce(source: string, session: string, target: string) {
-  const server = corral([
-    'clone',
-    'serve',
-    '--source',
-    source,
-    '--expect',
-    '1',
-    '--session',
-    session,
-    '--host',
-    '127.0.0.1',
-    '--port',
-    '0',
-    '--secret-file',
-    secretFile,
-    '--json',
-    '--timeout-ms',
-    '60000',
-  ]);
+  const server = serveLoopback({ source, expect: 1, session, secretFile });
   const port = Number((await server.waitFor(/listening on 127\.0\.0\.1:(\d+)/, 30_000))[1]);
   const r = corral([
     'clone',

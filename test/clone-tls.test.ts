@@ -10,7 +10,14 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FrameType, jsonFrame, writeFrame } from '../src/provision/clone/protocol.js';
-import { corral, exitWithin, killAll, makeImage, type Proc } from '../src/provision/clone/testing.js';
+import {
+  corral,
+  exitWithin,
+  killAll,
+  makeImage,
+  serveLoopback,
+  type Proc,
+} from '../src/provision/clone/testing.js';
 
 const MiB = 1024 * 1024;
 const dir = mkdtempSync(join(tmpdir(), 'corral-clonetls-'));
@@ -24,28 +31,13 @@ writeFileSync(secretFile, 'tls-secret-0123456789abcdef\n');
 const src = join(dir, 'golden.img');
 
 function serve(session: string, expect: number, extra: string[] = []): Proc {
-  return corral([
-    'clone',
-    'serve',
-    '--source',
-    src,
-    '--expect',
-    String(expect),
-    '--session',
+  return serveLoopback({
+    source: src,
+    expect,
     session,
-    '--host',
-    '127.0.0.1',
-    '--port',
-    '0',
-    '--secret-file',
     secretFile,
-    '--json',
-    '--timeout-ms',
-    '60000',
-    '--rejoin-wait-ms',
-    '0',
-    ...extra,
-  ]);
+    extra: ['--rejoin-wait-ms', '0', ...extra],
+  });
 }
 
 function receive(port: number, session: string, name: string, extra: string[]): Proc {

@@ -24,7 +24,14 @@ import {
   type Frame,
 } from '../src/provision/clone/protocol.js';
 import { digestRange } from '../src/provision/clone/digest.js';
-import { corral, exitWithin, killAll, makeImage, type Proc } from '../src/provision/clone/testing.js';
+import {
+  corral,
+  exitWithin,
+  killAll,
+  makeImage,
+  serveLoopback,
+  type Proc,
+} from '../src/provision/clone/testing.js';
 
 const MiB = 1024 * 1024;
 const dir = mkdtempSync(join(tmpdir(), 'corral-clone-'));
@@ -176,26 +183,13 @@ export async function startSession(o: {
 }): Promise<Session> {
   const secretFile = join(dir, `${o.sessionName}.secret`);
   writeFileSync(secretFile, `secret-${o.sessionName}-0123456789abcdef\n`);
-  const server = corral([
-    'clone',
-    'serve',
-    '--source',
-    o.source,
-    '--expect',
-    String(o.names.length),
-    '--session',
-    o.sessionName,
-    '--host',
-    '127.0.0.1',
-    '--port',
-    '0',
-    '--secret-file',
+  const server = serveLoopback({
+    source: o.source,
+    expect: o.names.length,
+    session: o.sessionName,
     secretFile,
-    '--json',
-    '--timeout-ms',
-    '60000',
-    ...(o.serveArgs ?? []),
-  ]);
+    extra: o.serveArgs,
+  });
   const m = await server.waitFor(/listening on 127\.0\.0\.1:(\d+)/, 30_000);
   const port = Number(m[1]);
   const receivers = new Map<string, Proc>();

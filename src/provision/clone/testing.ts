@@ -122,6 +122,36 @@ export function corral(args: string[], opts: { prefix?: string[]; env?: NodeJS.P
 }
 
 /** Kills every process started with corral() that is still running (test cleanup). */
+/** `corral clone serve` for tests: loopback, any free port, JSON lines, a 60 s join timeout */
+export function serveLoopback(o: {
+  source: string;
+  expect: number;
+  session: string;
+  secretFile: string;
+  extra?: string[];
+}): Proc {
+  return corral([
+    'clone',
+    'serve',
+    '--source',
+    o.source,
+    '--expect',
+    String(o.expect),
+    '--session',
+    o.session,
+    '--host',
+    '127.0.0.1',
+    '--port',
+    '0',
+    '--secret-file',
+    o.secretFile,
+    '--json',
+    '--timeout-ms',
+    '60000',
+    ...(o.extra ?? []),
+  ]);
+}
+
 export function killAll(): void {
   for (const c of live) if (c.exitCode === null) c.kill('SIGKILL');
 }
