@@ -141,7 +141,13 @@ describe('clone failures (real processes over loopback)', () => {
       assert.ok(rerouteMs < 2000 + 1000, `resumed only after ${rerouteMs} ms`);
 
       // The status endpoint, while streaming: JSON, the table, and read-only.
-      const s1 = await status(port);
+      // (the data can flow again a moment before the server has recorded the death it was told of)
+      const s1 = await until(
+        port,
+        (s) => s.receivers.find((r) => r.name === middle)?.state === 'dead',
+        3_000,
+        `${middle} reported dead`,
+      );
       assert.equal(s1.receivers.find((r) => r.name === middle)!.state, 'dead');
       assert.ok(!s1.chain.includes(middle), `${middle} still in the chain ${s1.chain.join(',')}`);
       const post = await fetch(`http://127.0.0.1:${port}/status`, { method: 'POST', body: 'exec rm -rf /' });
