@@ -1,22 +1,36 @@
 // bench/partition: failover time on 3 namespaced hosts (real etcd, real agents; issue 8).
 // Failover = from the fault to the service reported started (health check passed) on another
-// host. Three kinds, default timings (leaseTtlMs 4000, selfFenceMarginMs 1000,
+// host. Four kinds, default timings (leaseTtlMs 4000, selfFenceMarginMs 1000,
 // noDeviceFenceMarginMs 2000):
 //   crash       kill -9 of every process of the host but its etcd member (agent, watchdog,
-//               services); no fence device: recovery waits for the self-fence deadline
+//               services); a power-switch fence device that answers (a `command` device that
+//               kills the host's processes, as a PDU would): Pacemaker's setup, which needs
+//               a fence device too
+//   crash-nodev the same crash with no fence device: recovery waits for the self-fence deadline
 //   partition   the host cut off the network; no fence device: the same deadline
 //   pill        the host cut off the network, heartbeat disk + sbd device: the poison pill's
 //               acknowledgement is the fence record
-// Usage: npx tsx bench/partition.ts [--runs N] (needs root; N defaults to 10)
-import { spawnSync } from 'node:child_process';
+// Usage: npx tsx bench/partition.ts [--runs N] [--kinds crash,crash-nodev,partition,pill]
+// (needs root; N defaults to 10)
 import { NetCluster, netnsMissing } from '../test/cluster/netcluster.js';
 
 const runsArg = process.argv.indexOf('--runs');
 const runs = runsArg > 0 ? Number(process.argv[runsArg + 1]) : 10;
+const allKinds = ['crash', 'crash-nodev', 'partition', 'pill'] as const;
+type Kind = (typeof allKinds)[number];
+const kindsArg = process.argv.indexOf('--kinds');
+const kinds = (kindsArg > 0 ? (process.argv[kindsArg + 1] ?? '').split(',') : [...allKinds]) as Kind[];
+for (const k of kinds)
+  if (!allKinds.includes(k)) {
+    process.stderr.write(`bench/partition: unknown kind '${k}' in --kinds; use ${allKinds.join(',')}\n`);
+    process.exit(2);
+  }
+if (!(runs >= 1)) {
+  process.stderr.write('bench/partition: --runs needs a number >= 1\n');
+  process.exit(2);
+}
 /** bound on one failover */
 const failoverTimeoutMs = 60_000;
-
-type Kind = 'crash' | 'partition' | 'pill';
 
 function pct(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
@@ -34,8 +48,15 @@ async function online(c: NetCluster, node: string): Promise<void> {
   );
 }
 
-async function runKind(kind: Kind): Promise<{ times: number[]; doubles: number }> {
-  const c = new NetCluster({ hosts: 3, disk: kind === 'pill' });
+interface Phases {
+  detect: number[];
+  fence: number[];
+  restart: number[];
+}
+
+async function runKind(kind: Kind): Promise<{ times: number[]; doubles: number; phases: Phases }> {
+  const phases: Phases = { detect: [], fence: [], restart: [] };
+  const c = new NetCluster({ hosts: 3, disk: kind === 'pill', powerFence: kind === 'crash' });
   const times: number[] = [];
   try {
     await c.start();
@@ -49,22 +70,25 @@ async function runKind(kind: Kind): Promise<{ times: number[]; doubles: number }
         const r = await c.resourceOn(id);
         return r.node === victim.name && r.state === 'started';
       });
+      const evBefore = (await c.events()).length;
       const t0 = Date.now();
-      if (kind === 'crash') {
-        const etcdPid = String(victim.etcd?.pid);
-        const pids = spawnSync('ip', ['netns', 'pids', victim.ns], { encoding: 'utf8' })
-          .stdout.split(/\s+/)
-          .filter((p) => p && p !== etcdPid);
-        for (const p of pids) spawnSync('kill', ['-9', p]);
-      } else c.isolate(victim.name);
+      if (kind === 'crash' || kind === 'crash-nodev') c.crash(victim.name);
+      else c.isolate(victim.name);
       await c.waitStarted(id, victim.name, failoverTimeoutMs);
-      times.push(Date.now() - t0);
+      const tUp = Date.now();
+      times.push(tUp - t0);
+      const evs = (await c.events()).slice(evBefore);
+      const lost = evs.find((e) => e.object === victim.name && e.action === 'state' && e.to === 'unknown');
+      const fenced = evs.find((e) => e.object === victim.name && e.action === 'state' && e.to === 'fenced');
+      if (lost) phases.detect.push(lost.atMs - t0);
+      if (lost && fenced) phases.fence.push(fenced.atMs - lost.atMs);
+      if (fenced) phases.restart.push(tUp - fenced.atMs);
       process.stderr.write(`${kind} run ${n + 1}/${runs}: ${times.at(-1)} ms\n`);
-      if (kind === 'crash') c.startAgent(victim.name);
+      if (kind === 'crash' || kind === 'crash-nodev') c.startAgent(victim.name);
       else c.heal(victim.name);
       await online(c, victim.name);
     }
-    return { times, doubles: c.overlaps().length };
+    return { times, doubles: c.overlaps().length, phases };
   } finally {
     await c.stop();
   }
@@ -76,18 +100,47 @@ if (why) {
   process.exit(1);
 }
 const rows: string[][] = [];
-for (const kind of ['crash', 'partition', 'pill'] as Kind[]) {
-  const { times, doubles } = await runKind(kind);
+for (const kind of kinds) {
+  const { times, doubles, phases } = await runKind(kind);
   const s = [...times].sort((a, b) => a - b);
-  rows.push([kind, String(s.length), String(pct(s, 50)), String(pct(s, 99)), String(s[0]), String(doubles)]);
+  const mid = (xs: number[]) =>
+    String(
+      pct(
+        [...xs].sort((a, b) => a - b),
+        50,
+      ),
+    );
+  rows.push([
+    kind,
+    String(s.length),
+    String(pct(s, 50)),
+    String(pct(s, 99)),
+    String(s[0]),
+    mid(phases.detect),
+    mid(phases.fence),
+    mid(phases.restart),
+    String(doubles),
+  ]);
 }
-const head = ['failover', 'runs', 'p50 ms', 'p99 ms', 'min ms', 'double runs'];
+const head = [
+  'failover',
+  'runs',
+  'p50 ms',
+  'p99 ms',
+  'min ms',
+  'detect p50',
+  'fence p50',
+  'restart p50',
+  'double runs',
+];
 const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
 const line = (r: string[]) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ');
 console.log(line(head));
 for (const r of rows) console.log(line(r));
 const p50 = (k: string) => Number(rows.find((r) => r[0] === k)?.[2]);
+const ratio = (a: number, b: number) => (Number.isFinite(a / b) ? `${(a / b).toFixed(2)}x` : 'n/a');
 console.log(
-  `\nPacemaker+Corosync defaults (issue 8 reference): ~9000 ms median for a crashed node; ` +
-    `crash ratio ${(9000 / p50('crash')).toFixed(2)}x; pill vs partition ${(p50('partition') / p50('pill')).toFixed(2)}x`,
+  `\nPacemaker+Corosync defaults (issue 8 reference, with a fence device): ~9000 ms median for a ` +
+    `crashed node; crash ${ratio(9000, p50('crash'))} faster (target 1.8x), without a device ` +
+    `${ratio(9000, p50('crash-nodev'))}; pill vs partition ${ratio(p50('partition'), p50('pill'))} faster`,
 );

@@ -95,6 +95,24 @@ scenario('partition of the leader host: its service moves, a new leader takes ov
   }),
 );
 
+scenario(
+  'crash of a host with a power fence device: fenced by the device, the service moves once',
+  false,
+  () =>
+    withCluster({ hosts: 3, powerFence: true }, async (c) => {
+      const victim = nonLeader(c, await leaderOf(c));
+      await placeOn(c, 'web', 8080, victim);
+      const before = (await c.events()).length;
+      c.crash(victim);
+      assert.notEqual(await c.waitStarted('web', victim), victim);
+      const evs = (await c.events()).slice(before);
+      const fenced = evs.find((e) => e.object === victim && e.action === 'state' && e.to === 'fenced');
+      assert.match(fenced?.message ?? '', /fenced by command:fence-power/, 'the power switch fenced it');
+      c.startAgent(victim);
+      await online(c, victim);
+    }),
+);
+
 scenario('partition of a non-leader host: its service moves, never runs twice', false, () =>
   withCluster({ hosts: 3 }, async (c) => {
     const victim = nonLeader(c, await leaderOf(c));

@@ -176,6 +176,12 @@ export interface NetClusterOptions {
   stateTmpfsMiB?: number;
   extraTimings?: string;
   watchdog?: boolean;
+  /**
+   * a `command` fence device per host that powers it off: SIGKILL of every process in its
+   * namespace but its etcd member (which stands for a store member on other hardware), as a
+   * PDU or IPMI power-off would; first in the list, before the sbd device when `disk` is set
+   */
+  powerFence?: boolean;
 }
 
 export interface Host {
@@ -371,9 +377,14 @@ export class NetCluster {
 
   private writeConfig(): void {
     const t = this.timings;
-    const fence = this.o.disk
-      ? `[{ type: sbd, device: ${this.loopDev}, timeoutMs: 6000, msgwaitMs: ${Math.max(2000, t.noDeviceFenceMarginMs)} }]`
-      : '[]';
+    const devices: string[] = [];
+    if (this.o.powerFence)
+      devices.push(`{ type: command, command: [${this.writePowerFence()}], timeoutMs: 5000 }`);
+    if (this.o.disk)
+      devices.push(
+        `{ type: sbd, device: ${this.loopDev}, timeoutMs: 6000, msgwaitMs: ${Math.max(2000, t.noDeviceFenceMarginMs)} }`,
+      );
+    const fence = `[${devices.join(', ')}]`;
     writeFileSync(
       this.configPath,
       [
@@ -399,6 +410,34 @@ export class NetCluster {
         .filter((l) => l !== '')
         .join('\n') + '\n',
     );
+  }
+
+  /**
+   * The power switch: `fence-power NODE off` kills every process of the node's namespace but
+   * its etcd member and returns once they are gone (exit 0), as a PDU's "off" does.
+   */
+  private writePowerFence(): string {
+    const path = join(this.dir, 'fence-power');
+    writeFileSync(
+      path,
+      [
+        '#!/bin/bash',
+        '# fence-power NODE off: power off a namespaced test host (SIGKILL all but its etcd member)',
+        'set -u',
+        '[ "${2:-}" = off ] || { echo "fence-power: only the off action is supported, got ${2:-none}" >&2; exit 2; }',
+        `ns="${this.prefix}-$1"`,
+        '[ -e "/run/netns/$ns" ] || { echo "fence-power: no host namespace $ns" >&2; exit 1; }',
+        'victims() { for p in $(ip netns pids "$ns"); do [ "$(cat /proc/$p/comm 2>/dev/null)" = etcd ] || echo $p; done; }',
+        'for i in $(seq 1 100); do',
+        '  v=$(victims); [ -z "$v" ] && exit 0',
+        '  kill -9 $v 2>/dev/null; sleep 0.02',
+        'done',
+        'echo "fence-power: processes of $ns still alive: $(victims)" >&2; exit 1',
+        '',
+      ].join('\n'),
+      { mode: 0o755 },
+    );
+    return path;
   }
 
   startEtcd(h: Host): void {
@@ -467,6 +506,22 @@ export class NetCluster {
   }
 
   // ------------------------------------------------------------------ faults
+
+  /** the host crashes: kill -9 of every process in its namespace but its etcd member */
+  crash(name: string): void {
+    const h = this.host(name);
+    const etcdPid = String(h.etcd?.pid);
+    const pids = sh(['ip', 'netns', 'pids', h.ns], true)
+      .stdout.split(/\s+/)
+      .filter((p) => p && p !== etcdPid);
+    for (const p of pids) {
+      try {
+        process.kill(Number(p), 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+  }
 
   private nft(h: Host, rules: string[]): void {
     this.nsx(h.ns, ['nft', '-f', '-'], false, rules.map((r) => `add rule inet crl c${r}\n`).join(''));
