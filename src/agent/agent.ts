@@ -87,6 +87,8 @@ export class Agent {
   private cancelSelfFence: (() => void) | undefined;
   /** past the lease deadline, kept alive by a monitor's vouch (see leaseDeadline) */
   private vouched = false;
+  /** when a renewal last succeeded after the lease deadline had passed under a vouch */
+  private storeBackAtMs: number | undefined;
   private flags: ClusterFlags = defaultFlags;
   private watcher: Watcher | undefined;
   private readonly busy = new Map<string, Promise<void>>();
@@ -125,6 +127,7 @@ export class Agent {
             fencer: o.fencer,
             lease: () => (this.phase === 'joined' ? this.lease : undefined),
             onEvent: o.onEvent,
+            storeBackAtMs: () => this.storeBackAtMs,
           });
     o.driver.onEvent((ev) => {
       // the store may be unreachable right now: never let a lost report crash the agent
@@ -135,7 +138,13 @@ export class Agent {
             error: String(e),
           }),
         );
-      // 'received': the reconcile reports the target copy started at once (hand-over sooner)
+      // 'received': the incoming copy runs the guest (the stream completed): report it now, not
+      // after a full reconcile read, so the manager hands over in one round (a source 'migrated'
+      // seen first costs a 'starting' round and a second report); the reconcile still covers it
+      if (ev.type === 'received' && this.phase === 'joined')
+        this.serial(ev.id, () =>
+          this.report(ev.id, { epoch: ev.epoch, state: 'started', reason: 'received the guest' }),
+        );
       this.queueReconcile();
     });
   }
@@ -270,6 +279,7 @@ export class Agent {
     if (this.flags.armed) this.o.watchdog?.feed(Math.max(0, allowMs));
     if (this.vouched) {
       this.vouched = false;
+      this.storeBackAtMs = this.o.env.nowMs();
       this.o.env.log('info', 'store reachable again: the lease is renewed');
     }
     this.cancelSelfFence?.();
@@ -337,13 +347,75 @@ export class Agent {
         if (this.lease === lease && this.phase === 'joined') this.renewed(sentMs);
       } catch (e) {
         if (!(e instanceof StoreError)) throw e;
-        if (e.code === 'CORRAL_STORE_LEASE_NOT_FOUND')
+        if (e.code === 'CORRAL_STORE_LEASE_NOT_FOUND' && this.vouchedNow()) {
+          if (!(await this.leaseAgain()))
+            waitMs = Math.min(agentLimits.renewRetryMs, this.o.timings.renewIntervalMs);
+        } else if (e.code === 'CORRAL_STORE_LEASE_NOT_FOUND')
           await this.selfFence('lease lost (expired in the store)', true);
         else {
           env.log('warn', 'lease renewal failed', { error: e.message });
           waitMs = Math.min(agentLimits.renewRetryMs, this.o.timings.renewIntervalMs);
         }
       }
+    }
+  }
+
+  /** past the lease deadline and still vouched for by a monitor (see leaseDeadline) */
+  private vouchedNow(): boolean {
+    const nowMs = this.o.env.nowMs();
+    return (
+      this.vouched &&
+      this.flags.armed &&
+      this.phase === 'joined' &&
+      Math.max(0, ...(this.o.monitors ?? []).map((m) => m.vouchUntilMs?.() ?? 0)) > nowMs
+    );
+  }
+
+  /**
+   * The store came back without our lease while the heartbeat disk vouched for us: an etcd
+   * leader that lost quorum revokes the leases that ran out meanwhile when it resumes. Nothing
+   * was fenced through the store alone: with an sbd device the manager can fence us only by a
+   * poison pill, which we obey within one disk interval. So take a new lease and put our alive
+   * key back under it, same incarnation, resources untouched (self-fencing here would stop
+   * every workload of the cluster after a store outage that the disk proved harmless).
+   * Returns false when the store refused; the vouch keeps us until the next try or its end.
+   */
+  private async leaseAgain(): Promise<boolean> {
+    const env = this.o.env;
+    const sentMs = env.nowMs();
+    try {
+      const lease = await this.o.store.leaseGrant(this.o.timings.leaseTtlMs);
+      if (!this.vouchedNow()) {
+        await this.o.store.leaseRevoke(lease).catch(() => undefined);
+        return true;
+      }
+      const alive: Alive = {
+        incarnation: this.incarnation,
+        ready: true,
+        isolated: this.isolated || undefined,
+      };
+      await this.o.store.put(this.k.alive(this.o.node), JSON.stringify(alive), { lease });
+      if (this.phase !== 'joined') {
+        // a poison pill (or the vouch's end) self-fenced us meanwhile: the renew loop joins anew
+        await this.o.store.leaseRevoke(lease).catch(() => undefined);
+        return true;
+      }
+      this.lease = lease;
+      env.log(
+        'warn',
+        'lease gone from the store while the heartbeat disk vouched for this node: leased again, resources untouched',
+      );
+      this.renewed(sentMs);
+      void this.agentEvent(
+        'lease-again',
+        `${this.o.node} took a new lease after the store came back without its old one (the heartbeat disk vouched for it meanwhile); nothing was stopped`,
+      ).catch(() => undefined);
+      this.manager?.poke();
+      return true;
+    } catch (e) {
+      if (!(e instanceof StoreError)) throw e;
+      env.log('warn', 'could not take a new lease yet', { error: e.message });
+      return false;
     }
   }
 

@@ -1,7 +1,7 @@
 // Unit tests of the pure manager decision: each case builds one view and checks the actions.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { decide } from './decide.js';
+import { decide, storeReturnGraceMs } from './decide.js';
 import { ResourceSpec, type ResourceSpecInput } from './spec.js';
 import {
   defaultFlags,
@@ -151,6 +151,22 @@ describe('decide: fencing before recovery', () => {
     const acts = decide(view([node('n1', 'online'), n2], []));
     assert.equal(setNode(acts, 'n2')?.state, 'fenced');
     assert.ok(acts.some((a) => a.type === 'fenceRecord' && a.record.device === 'self-fence deadline'));
+  });
+
+  it('after a store outage, a vanished lease gets a grace to be taken again before fencing', () => {
+    const n2 = node('n2', 'unknown', { alive: false });
+    n2.status = { ...n2.status!, lostAtMs: t0 - 100 };
+    const grace = storeReturnGraceMs(defaultTimings);
+    const back = { storeBackAtMs: t0 - grace + 1 };
+    assert.deepEqual(decide(view([node('n1', 'online'), n2], [], back)), [], 'no fencing within the grace');
+    const later = decide(view([node('n1', 'online'), n2], [], { storeBackAtMs: t0 - grace }));
+    assert.equal(setNode(later, 'n2')?.state, 'fencing', 'fenced once the grace is over');
+    // the same agent puts its alive key back (same incarnation): online, nothing fenced
+    const again = decide(view([node('n1', 'online'), node('n2', 'unknown')], [], back));
+    assert.equal(setNode(again, 'n2')?.state, 'online');
+    assert.match(setNode(again, 'n2')?.reason ?? '', /same agent/);
+    // no outage seen: fencing starts at once
+    assert.equal(setNode(decide(view([node('n1', 'online'), n2], [])), 'n2')?.state, 'fencing');
   });
 
   it('a disarmed cluster neither fences nor recovers', () => {

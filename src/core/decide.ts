@@ -20,6 +20,7 @@ import type {
   NodeView,
   ResourceRecord,
   ResourceView,
+  Timings,
 } from './types.js';
 
 export function decide(view: ClusterView): Action[] {
@@ -124,7 +125,15 @@ function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
       return [];
     }
     case 'unknown': {
-      if (n.alive) return [set(upState(), 'lease renewed by a new incarnation before fencing')];
+      if (n.alive)
+        return [
+          set(
+            upState(),
+            n.alive.incarnation === st.incarnation
+              ? 'lease taken again by the same agent before fencing'
+              : 'lease renewed by a new incarnation before fencing',
+          ),
+        ];
       if (!view.flags.armed) {
         const reason = 'cluster disarmed: not fencing';
         return st.reason === reason
@@ -140,6 +149,8 @@ function decideNode(view: ClusterView, n: NodeView, by: string): Action[] {
       const delayMs = twoNodeFenceDelayMs(view, n.name);
       const lostAtMs = st.lostAtMs ?? st.sinceMs;
       if (now < lostAtMs + delayMs) return [];
+      if (view.storeBackAtMs !== undefined && now < view.storeBackAtMs + storeReturnGraceMs(view.timings))
+        return [];
       return [
         set(
           'fencing',
@@ -255,6 +266,17 @@ function lostWhileDisarmed(view: ClusterView): boolean {
 }
 
 /** Two-node clusters: delay fencing a node that runs higher-priority work than ours. */
+/**
+ * After a store outage the store itself may drop the leases that ran out meanwhile (an etcd
+ * leader that lost quorum revokes them when it resumes), though their nodes, vouched for by
+ * the heartbeat disk, kept running and take a new lease at their next renewal try. Fencing
+ * waits this long after the store came back, so that a lease the store dropped is not taken
+ * for a node gone (waiting only delays a recovery; it never makes one unsafe).
+ */
+export function storeReturnGraceMs(t: Timings): number {
+  return 2 * t.renewIntervalMs;
+}
+
 function twoNodeFenceDelayMs(view: ClusterView, node: string): number {
   if (view.nodes.size !== 2 || node === view.self) return 0;
   const top = (n: string): number => {

@@ -236,6 +236,12 @@ export interface ClusterView {
   resources: Map<string, ResourceView>;
   /** nodes whose fencing is running right now (the manager's own in-flight work) */
   fencing: Set<string>;
+  /**
+   * when this manager's node last got the store back after losing it past its lease deadline
+   * (kept alive meanwhile by the heartbeat disk's vouch); undefined if never. Leases that
+   * vanished as the store returned are given storeReturnGraceMs to be taken again.
+   */
+  storeBackAtMs?: number;
 }
 
 export interface NodeView {

@@ -33,6 +33,8 @@ export interface ManagerOptions {
   lease: () => number | undefined;
   /** notified of every event this manager writes (logging) */
   onEvent?: (e: ClusterEvent) => void;
+  /** when the node got the store back after losing it past its lease deadline (see ClusterView) */
+  storeBackAtMs?: () => number | undefined;
 }
 
 export class Manager {
@@ -209,6 +211,7 @@ export class Manager {
       nodes: snap.nodes,
       resources: snap.resources,
       fencing: new Set(this.fencing),
+      storeBackAtMs: this.o.storeBackAtMs?.(),
     };
   }
 
