@@ -12,7 +12,7 @@ import { openStore } from '../src/store/index.js';
 import type { Store } from '../src/store/types.js';
 import { loadClusterConfig } from '../src/config/schema.js';
 import { startApi, type ApiServer } from '../src/api/server.js';
-import { createToken } from '../src/api/auth.js';
+import { createToken, revokeToken, tokenCacheMs } from '../src/api/auth.js';
 import { keys } from '../src/core/keys.js';
 import type { ClusterEvent } from '../src/core/types.js';
 
@@ -403,5 +403,21 @@ describe('REST API', { timeout: 60_000 }, () => {
     } finally {
       await s.close();
     }
+  });
+
+  it('drops a token changed in the store as soon as its watch delivers the change, not after the cache time', async () => {
+    // as `corral token create|revoke` from another process: straight into the store
+    const carol = (await createToken(store, 'apitest', 'carol', 'viewer', Date.now())).token;
+    assert.equal((await call('GET', '/api/v1/whoami', { token: carol })).json.name, 'carol');
+    assert.equal(await revokeToken(store, 'apitest', 'carol'), 1);
+    const t0 = Date.now();
+    while ((await call('GET', '/api/v1/whoami', { token: carol })).status === 200) {
+      assert.ok(
+        Date.now() - t0 < tokenCacheMs / 2,
+        'the revoked token still worked after half the cache time',
+      );
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    assert.equal((await call('GET', '/api/v1/whoami', { token: carol })).status, 401);
   });
 });

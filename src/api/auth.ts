@@ -3,7 +3,7 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import type { FastifyRequest } from 'fastify';
-import type { Store } from '../store/types.js';
+import type { Store, WatchEvent } from '../store/types.js';
 import { ApiError } from './errors.js';
 
 export const roles = ['viewer', 'operator', 'admin'] as const;
@@ -27,7 +27,8 @@ export interface Caller {
 }
 
 export const tokenBytes = 32;
-/** how long a looked-up token is trusted before the store is asked again (revocation delay) */
+/** how long a looked-up token is trusted before the store is asked again (in the background when
+ * it was valid); a watched change of the token's record drops it at once */
 export const tokenCacheMs = 1000;
 export const tokenCacheMax = 1000;
 
@@ -100,31 +101,82 @@ export async function revokeToken(store: Store, cluster: string, name: string): 
   return n;
 }
 
+/** the store watch's batches, as the hub emits them ('kvs', 'reset') */
+interface KvsSource {
+  on(event: 'kvs', f: (evs: WatchEvent[]) => void): unknown;
+  on(event: 'reset', f: () => void): unknown;
+}
+
+/**
+ * Token lookups without the store on the request path: a verified token is remembered, a change
+ * of its record in the store (revoke, re-create) drops it as soon as the store watch delivers it,
+ * and a remembered token older than tokenCacheMs is still answered from memory while one read in
+ * the background checks it again (if the watch restarted, everything is forgotten). Only a token
+ * seen for the first time waits for the store (concurrent requests with it share one read).
+ * Behind a busy store (an agent's queue of writes during a failover) a request never waits for it.
+ */
 export class TokenVerifier {
   private cache = new Map<string, { caller: Caller | null; atMs: number }>();
+  private inflight = new Map<string, Promise<Caller | null>>();
+  /** bumped by every invalidation: a read that started before one does not fill the cache */
+  private generation = 0;
+  private readonly prefix: string;
   constructor(
     private store: Store,
     private cluster: string,
-  ) {}
+    watch?: KvsSource,
+  ) {
+    this.prefix = tokensPrefix(cluster);
+    watch?.on('kvs', (evs) => {
+      for (const e of evs)
+        if (e.kv.key.startsWith(this.prefix)) {
+          this.generation++;
+          this.cache.delete(e.kv.key.slice(this.prefix.length));
+        }
+    });
+    watch?.on('reset', () => {
+      this.generation++;
+      this.cache.clear();
+    });
+  }
 
   async verify(token: string): Promise<Caller | null> {
     if (!/^crl_[A-Za-z0-9_-]{20,100}$/.test(token)) return null;
     const h = hashToken(token);
-    const now = Date.now();
     const c = this.cache.get(h);
-    if (c && now - c.atMs < tokenCacheMs) return c.caller;
-    const kv = await this.store.get(tokensPrefix(this.cluster) + h);
+    if (c && Date.now() - c.atMs < tokenCacheMs) return c.caller;
+    if (c?.caller) {
+      void this.lookup(h).catch(() => undefined); // checked again off the request path
+      return c.caller;
+    }
+    return this.lookup(h);
+  }
+
+  private lookup(h: string): Promise<Caller | null> {
+    let p = this.inflight.get(h);
+    if (!p) {
+      p = this.read(h).finally(() => this.inflight.delete(h));
+      this.inflight.set(h, p);
+    }
+    return p;
+  }
+
+  private async read(h: string): Promise<Caller | null> {
+    const gen = this.generation;
+    const kv = await this.store.get(this.prefix + h);
     let caller: Caller | null = null;
     if (kv) {
       // the key is the hash itself; compare again in constant time as a belt-and-braces check
-      const keyHash = kv.key.slice(tokensPrefix(this.cluster).length);
+      const keyHash = kv.key.slice(this.prefix.length);
       if (keyHash.length === h.length && timingSafeEqual(Buffer.from(keyHash), Buffer.from(h))) {
         const rec = TokenRecord.safeParse(JSON.parse(kv.value));
         if (rec.success) caller = { name: rec.data.name, role: rec.data.role };
       }
     }
-    if (this.cache.size >= tokenCacheMax) this.cache.clear();
-    this.cache.set(h, { caller, atMs: now });
+    if (gen === this.generation) {
+      if (this.cache.size >= tokenCacheMax) this.cache.clear();
+      this.cache.set(h, { caller, atMs: Date.now() });
+    }
     return caller;
   }
 }

@@ -91,7 +91,7 @@ export async function startApi(o: ApiOptions): Promise<ApiServer> {
     cluster,
     k,
     hub,
-    verifier: new TokenVerifier(o.store, cluster),
+    verifier: new TokenVerifier(o.store, cluster, hub),
     metrics,
     stateRoot: o.stateRoot ?? localInfo(o.configPath).stateRoot,
     node: o.node,
