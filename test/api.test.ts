@@ -13,6 +13,7 @@ import type { Store } from '../src/store/types.js';
 import { loadClusterConfig } from '../src/config/schema.js';
 import { startApi, type ApiServer } from '../src/api/server.js';
 import { createToken, revokeToken, tokenCacheMs } from '../src/api/auth.js';
+import { startApiThread, ApiThreadError } from '../src/api/thread.js';
 import { keys } from '../src/core/keys.js';
 import type { ClusterEvent } from '../src/core/types.js';
 
@@ -419,5 +420,34 @@ describe('REST API', { timeout: 60_000 }, () => {
       await new Promise((r) => setTimeout(r, 10));
     }
     assert.equal((await call('GET', '/api/v1/whoami', { token: carol })).status, 401);
+  });
+
+  it("serves an agent's API from a worker thread with its own store connection", async () => {
+    const th = await startApiThread({
+      configPath,
+      stateRoot: join(dir, 'state'),
+      listen: '127.0.0.1:0',
+      opTimeoutMs: 3000,
+      log: () => undefined,
+    });
+    try {
+      const r = await fetch(`${th.url}/api/v1/status`, {
+        headers: { authorization: `Bearer ${tok.viewer}` },
+      });
+      assert.equal(r.status, 200);
+      assert.equal(((await r.json()) as { cluster: string }).cluster, 'apitest');
+      await assert.rejects(
+        startApiThread({
+          configPath,
+          listen: `127.0.0.1:${th.port}`,
+          opTimeoutMs: 3000,
+          log: () => undefined,
+        }),
+        (e: unknown) => e instanceof ApiThreadError && e.code === 'EADDRINUSE',
+      );
+    } finally {
+      await th.close();
+    }
+    await assert.rejects(fetch(`${th.url}/api/v1/health`), 'the thread closed its server');
   });
 });

@@ -24,6 +24,8 @@ export const defaultStateRoot = '/var/lib/corral';
 /** how long a starting agent keeps trying a store that does not answer yet (a member electing, a loaded host) */
 const storeOpenRetryMaxMs = 60_000;
 const storeOpenBackoffMs = 500;
+/** the API thread's store calls (as `corral api`): a request may wait this long for the store */
+const agentApiStoreOpTimeoutMs = 3000;
 
 /**
  * Open the store, retrying while it does not answer: an agent started while etcd elects a
@@ -152,15 +154,15 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
   await agent.start();
   env.log('info', `agent running (config ${configPath}, state ${stateDir}, store ${store.url})`);
   if (opts.api) {
-    // loaded on demand: agents without --api never load fastify
-    const { startApi } = await import('../../api/server.js');
-    const server = await startApi({
-      store,
-      config,
+    // a worker thread with its own event loop and store connection (src/api/thread.ts); loaded
+    // on demand: agents without --api never load fastify
+    const { startApiThread } = await import('../../api/thread.js');
+    const server = await startApiThread({
       configPath,
       stateRoot: opts.stateRoot,
       listen: typeof opts.api === 'string' ? opts.api : undefined,
       node: me.name,
+      opTimeoutMs: agentApiStoreOpTimeoutMs,
       log: (level, msg) => env.log(level, `api: ${msg}`),
     });
     api = server;
