@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { getPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ProcessDriver } from '../src/drivers/process.js';
 import { readPidfile } from '../src/drivers/pidfile.js';
@@ -376,4 +376,24 @@ test('a pidfile whose spec no longer validates still gets its process adopted an
   );
   assert.equal((await d2.stop('old')).state, 'stopped');
   assert.equal(isAlive(pid), false);
+});
+
+test('resources run at childNice, not at the priority the agent raised for itself', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'corral-driver-'));
+  // this test process stands for the agent: its own nice stays as it is; the child gets 7
+  const d = new ProcessDriver({ node: 'n1', stateDir: dir, env: quiet, childNice: 7 });
+  t.after(async () => {
+    await d.killAll();
+    await d.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const { port, spec: s } = await echoSpec('nice');
+  const r = await d.start(s, 1);
+  assert.equal(r.state, 'started', r.reason);
+  const { pid } = await get(port);
+  // field 19 of /proc/PID/stat (after the parenthesised command) is the nice value
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+  assert.equal(nice, 7, 'the service runs at childNice');
+  assert.equal(getPriority(pid), 7);
 });

@@ -25,6 +25,7 @@ import { CorralError, invariant } from '../core/errors.js';
 import { ResourceSpec, type ProcessSpec } from '../core/spec.js';
 import type { Driver, DriverEvent, Env, LocalResource, StopOptions } from '../env/types.js';
 import { describeCheck, probe } from './health.js';
+import { resetChildNice } from './priority.js';
 import {
   LOG_DIR,
   pidfileSpec,
@@ -69,6 +70,8 @@ export interface ProcessDriverOptions {
   /** the node's state directory: run/ (pidfiles) and logs/ live here */
   stateDir: string;
   env: Pick<Env, 'log'>;
+  /** nice value for started commands (the agent raised its own: see drivers/priority.ts) */
+  childNice?: number;
 }
 
 interface Entry {
@@ -131,6 +134,7 @@ export class ProcessDriver implements Driver {
   private closed = false;
   /** an in-flight killAll(): starts wait for it */
   private killing: Promise<void> | undefined;
+  private readonly childNice: number | undefined;
 
   constructor(opts: ProcessDriverOptions) {
     if (!isAbsolute(opts.stateDir)) {
@@ -143,6 +147,7 @@ export class ProcessDriver implements Driver {
     this.node = opts.node;
     this.stateDir = opts.stateDir;
     this.env = opts.env;
+    this.childNice = opts.childNice;
     mkdirSync(join(this.stateDir, LOG_DIR), { recursive: true });
   }
 
@@ -308,6 +313,7 @@ export class ProcessDriver implements Driver {
     closeSync(fd);
     if (child.pid !== undefined) {
       // the child exists from here on: record it at once, so stop(), killAll() and the watchdog see it
+      resetChildNice(child.pid, this.childNice);
       child.unref();
       e.child = child;
       e.pid = child.pid;

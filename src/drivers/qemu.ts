@@ -24,6 +24,7 @@ import { groupAlive, isAlive, readProcStat, signalGroup, waitFor } from './proc.
 import { QEMU_BINARY_DEFAULT, qemuArgs } from './qemu-args.js';
 import { vmGuestAgentSocket, vmPaths } from './qemu-paths.js';
 import { QmpClient } from './qmp.js';
+import { resetChildNice } from './priority.js';
 
 /** QEMU must answer on its QMP socket within this after spawn (or after -incoming) */
 export const QEMU_START_TIMEOUT_MS = 15000;
@@ -76,6 +77,8 @@ export interface QemuDriverOptions {
   env: Pick<Env, 'log'>;
   /** QEMU binary (default qemu-system-x86_64 on PATH) */
   qemuBinary?: string;
+  /** nice value for QEMU processes (the agent raised its own: see drivers/priority.ts) */
+  childNice?: number;
 }
 
 type State = LocalResource['state'];
@@ -280,6 +283,7 @@ export class QemuDriver implements Driver {
       const hint = spawned === 'ENOENT' ? ' (not installed? Debian: apt-get install qemu-system-x86)' : '';
       return this.failStart(e, `cannot execute ${this.qemu}: ${spawned ?? 'no pid'}${hint}`);
     }
+    resetChildNice(child.pid, this.o.childNice);
     child.unref();
     e.child = child;
     e.pid = child.pid;

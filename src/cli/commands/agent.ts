@@ -13,6 +13,7 @@ import { CompositeDriver } from '../../drivers/composite.js';
 import { probeHost } from '../../drivers/qemu-host.js';
 import { createFencer, writeAgentPidfile } from '../../fence/index.js';
 import { startWatchdog } from '../../agent/watchdog.js';
+import { AGENT_NICE_DEFAULT, raiseOwnPriority } from '../../drivers/priority.js';
 import { Agent } from '../../agent/agent.js';
 import type { Env, NodeMonitor, Watchdog } from '../../env/types.js';
 import type { Store } from '../../store/types.js';
@@ -61,6 +62,7 @@ interface AgentCliOpts {
   logLevel: 'debug' | 'info' | 'warn' | 'error';
   /** serve the REST API and dashboard from this agent (true: network.api.listen) */
   api?: string | boolean;
+  nice: string;
 }
 
 export function registerAgent(program: Command): void {
@@ -76,6 +78,11 @@ export function registerAgent(program: Command): void {
         'do not start the node watchdog (resources are not killed if the agent freezes)',
       )
       .option('--log-level <level>', 'debug, info, warn or error', 'info')
+      .option(
+        '--nice <n>',
+        "the agent's CPU priority (nice, -20..19); resources run at the agent's original one",
+        String(AGENT_NICE_DEFAULT),
+      )
       .option('--api [host:port]', 'also serve the REST API and dashboard (default: network.api.listen)'),
   ).action(action(runAgent));
 }
@@ -91,15 +98,23 @@ async function runAgent(opts: AgentCliOpts): Promise<number> {
     );
   if (!['debug', 'info', 'warn', 'error'].includes(opts.logLevel))
     throw new UsageError(`--log-level ${opts.logLevel}: expected debug, info, warn or error`);
+  const nice = Number(opts.nice);
+  if (!/^-?\d+$/.test(opts.nice) || nice < -20 || nice > 19)
+    throw new UsageError(
+      `--nice ${opts.nice}: expected a whole number from -20 to 19`,
+      `the default ${AGENT_NICE_DEFAULT} keeps lease renewals ahead of busy workloads; 0 leaves the priority alone`,
+    );
   const stateDir = nodeStateDir(opts.stateRoot, me.name);
   mkdirSync(stateDir, { recursive: true });
   const env = nodeEnv({ name: me.name, level: opts.logLevel });
+  const priority = raiseOwnPriority(nice);
+  if (priority.warning) env.log('warn', priority.warning);
   const stopStallWatch = watchEventLoopStalls(env);
   const t = config.timings;
   const store = await openStoreRetrying(config.store, Math.max(500, t.renewIntervalMs), env);
   const driver = new CompositeDriver({
-    process: new ProcessDriver({ node: me.name, stateDir, env }),
-    vm: new QemuDriver({ node: me.name, address: me.address, stateDir, env }),
+    process: new ProcessDriver({ node: me.name, stateDir, env, childNice: priority.childNice }),
+    vm: new QemuDriver({ node: me.name, address: me.address, stateDir, env, childNice: priority.childNice }),
     stateDir,
   });
   const fencer = createFencer(config.nodes, {
