@@ -6,6 +6,9 @@ import { isIP } from 'node:net';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { z } from 'zod';
 import { CorralError } from '../core/errors.js';
+import { formatStoreUrl, isHostname, parseHostPort, parseStoreUrl, type StoreUrl } from '../store/url.js';
+
+export { formatStoreUrl, parseHostPort, parseStoreUrl, type HostPort, type StoreUrl } from '../store/url.js';
 import { configVersionCurrent, migrateIfPossible, supportedVersions } from './migrate.js';
 import { ConfigError, loadYamlWithSchema, showValue, type LoadResult } from './yaml.js';
 
@@ -42,10 +45,6 @@ const dnsLabel = (what: string) => {
   return z.string({ error }).regex(dnsLabelRe, { error });
 };
 
-const hostnameRe =
-  /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
-const isHostname = (s: string) => hostnameRe.test(s) && !/^[\d.]+$/.test(s);
-
 const address = z
   .string({ error: 'expected an IPv4/IPv6 address or a host name' })
   .refine((s) => isIP(s) !== 0 || isHostname(s), { error: 'expected an IPv4/IPv6 address or a host name' });
@@ -69,60 +68,7 @@ const filePath = (baseDir: string) =>
 
 // ---- host:port and store URLs -----------------------------------------------------------------
 
-export interface HostPort {
-  host: string;
-  port: number;
-}
-
-/** Parses `host:port`, `1.2.3.4:port` or `[::1]:port`; returns a reason when it is not one. */
-export function parseHostPort(s: string): HostPort | { error: string } {
-  const m = /^(?:\[([^\]]*)\]|([^:[\]]*)):(\d{1,5})$/.exec(s);
-  if (!m) return { error: 'expected host:port (IPv6 in brackets: [::1]:7440)' };
-  const host = m[1] ?? m[2] ?? '';
-  const portNum = Number(m[3]);
-  if (m[1] !== undefined ? isIP(host) !== 6 : isIP(host) !== 4 && !isHostname(host))
-    return { error: `bad host ${JSON.stringify(host)}` };
-  if (portNum < 1 || portNum > 65535) return { error: `port ${portNum} is outside 1-65535` };
-  return { host, port: portNum };
-}
-
-export type StoreUrl = { kind: 'sqlite'; path: string } | { kind: 'etcd'; endpoints: HostPort[] };
-
 const storeUrlShape = 'sqlite:PATH or etcd://host:port[,host:port...]';
-
-/** Parses a store URL precisely. Relative sqlite paths resolve against `baseDir`. */
-export function parseStoreUrl(url: string, baseDir = process.cwd()): StoreUrl | { error: string } {
-  if (url.startsWith('sqlite:')) {
-    const path = url.slice('sqlite:'.length);
-    if (!path) return { error: 'the sqlite path is empty (e.g. sqlite:./corral-store.db)' };
-    if (path.startsWith('//'))
-      return {
-        error: 'write sqlite:PATH without slashes after the colon (e.g. sqlite:/var/lib/corral/store.db)',
-      };
-    if (path.includes('\0')) return { error: 'the sqlite path contains a NUL byte' };
-    return { kind: 'sqlite', path: resolve(baseDir, path) };
-  }
-  if (url.startsWith('etcd://')) {
-    const rest = url.slice('etcd://'.length);
-    if (!rest) return { error: 'no etcd endpoint after etcd://' };
-    const endpoints: HostPort[] = [];
-    for (const part of rest.split(',')) {
-      const hp = parseHostPort(part);
-      if ('error' in hp) return { error: `endpoint ${JSON.stringify(part)}: ${hp.error}` };
-      if (endpoints.some((e) => e.host === hp.host && e.port === hp.port))
-        return { error: `endpoint ${part} is listed twice` };
-      endpoints.push(hp);
-    }
-    return { kind: 'etcd', endpoints };
-  }
-  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(url)?.[1];
-  return { error: scheme ? `unknown scheme "${scheme}"` : 'no scheme' };
-}
-
-export function formatStoreUrl(u: StoreUrl): string {
-  if (u.kind === 'sqlite') return `sqlite:${u.path}`;
-  return `etcd://${u.endpoints.map((e) => `${isIP(e.host) === 6 ? `[${e.host}]` : e.host}:${e.port}`).join(',')}`;
-}
 
 const storeUrl = (baseDir: string) =>
   z.string({ error: `expected a store URL: ${storeUrlShape}` }).transform((s, ctx) => {
