@@ -12,7 +12,7 @@ import { nodeStateDir } from './agent.js';
 import { loadClusterConfig } from '../../config/schema.js';
 import { openStore } from '../../store/index.js';
 import { keys } from '../../core/keys.js';
-import { createFencer } from '../../fence/index.js';
+import { fenceLocal, LOCAL_FENCE_TIMEOUT_MS } from '../../fence/index.js';
 import { nodeEnv } from '../../env/node.js';
 import type { ResourceSpecInput } from '../../core/spec.js';
 import { ResourceSpec } from '../../core/spec.js';
@@ -185,16 +185,12 @@ async function killAll(
   } catch {
     return; // no readable config: nothing of ours can be running
   }
-  const fencer = createFencer(
-    nodes.map((n) => ({ name: n.name, fence: [{ type: 'local' as const }] })),
-    { log, localStateDir: (n) => nodeStateDir(stateRoot, n) },
-  );
   await Promise.all(
     nodes.map(async (n) => {
       if (!existsSync(nodeStateDir(stateRoot, n.name))) return;
-      const out = await fencer.fence(n.name, Date.now() + 10000);
+      const out = await fenceLocal(nodeStateDir(stateRoot, n.name), LOCAL_FENCE_TIMEOUT_MS);
       if (!out.ok && agentPid(stateRoot, n.name))
-        log('warn', `could not stop ${n.name}`, { attempts: out.attempts });
+        log('warn', `could not stop ${n.name}`, { error: out.error });
     }),
   );
 }

@@ -6,7 +6,7 @@ import { addClientOptions, withClient, type ClientOpts } from '../client.js';
 import { CorralError } from '../../core/errors.js';
 import { printJson, table } from '../table.js';
 import { operatorEvent } from './resource.js';
-import { createFencer } from '../../fence/index.js';
+import { createFencer, fenceLocal, LOCAL_FENCE_TIMEOUT_MS } from '../../fence/index.js';
 import { nodeEnv } from '../../env/node.js';
 import { nodeStateDir } from './agent.js';
 import { agentPid, localInfo, spawnLocalAgent } from '../local.js';
@@ -185,17 +185,12 @@ export function registerNode(program: Command): void {
         withCluster(opts, async (c) => {
           checkNode(c, name);
           const { stateRoot } = localInfo(c.configPath, opts.stateRoot);
-          const env = nodeEnv({ name: 'cli', level: 'warn' });
-          const local = createFencer([{ name, fence: [{ type: 'local' }] }], {
-            log: env.log,
-            localStateDir: (n) => nodeStateDir(stateRoot, n),
-          });
-          const out = await local.fence(name, Date.now() + 10000);
+          const out = await fenceLocal(nodeStateDir(stateRoot, name), LOCAL_FENCE_TIMEOUT_MS);
           await operatorEvent(c, name, 'crash', `${name}: crashed by operator (agent and resources killed)`);
           process.stdout.write(
             out.ok
               ? `${name}: crashed (agent and its resources killed); watch: corral status\n`
-              : `${name}: crash failed: ${out.attempts.map((a) => a.error).join('; ')}\n`,
+              : `${name}: crash failed: ${out.error}\n`,
           );
           return out.ok ? 0 : 1;
         }),
