@@ -19,10 +19,14 @@ import {
 import {
   FrameParser,
   FrameType,
+  PayloadPool,
   encodeFrame,
+  holdFrame,
   payloadBuffer,
+  releaseFrame,
   type Frame,
 } from '../src/provision/clone/protocol.js';
+import { FrameRing } from '../src/provision/clone/forwarder.js';
 import { digestRange } from '../src/provision/clone/digest.js';
 import {
   corral,
@@ -96,6 +100,85 @@ describe('clone wire format', () => {
         assert.ok(payloadBuffer(g).equals(payloadBuffer(frames[i]!)));
       });
     }
+  });
+
+  test('pooled and static-buffer parsing: same frames under any split, nothing kept of the input', () => {
+    const frames: Frame[] = [
+      { type: FrameType.hello, flags: 0, offset: 0, lengthBytes: 0, payload: [Buffer.from('{"h":1}')] },
+      { type: FrameType.data, flags: 0, offset: 0, lengthBytes: 5000, payload: [Buffer.alloc(5000, 7)] },
+      { type: FrameType.zero, flags: 0, offset: 5000, lengthBytes: 1 << 20, payload: [] },
+      {
+        type: FrameType.data,
+        flags: 0,
+        offset: 2 ** 21,
+        lengthBytes: 3000,
+        payload: [Buffer.alloc(3000, 9)],
+      },
+      {
+        type: FrameType.data,
+        flags: 0,
+        offset: 2 ** 22,
+        lengthBytes: 9000,
+        payload: [Buffer.alloc(9000, 5)],
+      },
+    ];
+    const bytes = Buffer.concat(frames.flatMap(encodeFrame));
+    for (const step of [1, 3, 24, 25, 4096, bytes.length]) {
+      const pool = new PayloadPool(4);
+      pool.capacityBytes = 8192;
+      const p = new FrameParser(pool, true);
+      // One reused input buffer, scribbled over after every push: a frame must not point into it.
+      const input = Buffer.alloc(step);
+      const got: Frame[] = [];
+      for (let i = 0; i < bytes.length; i += step) {
+        const n = bytes.copy(input, 0, i, i + step);
+        got.push(...p.push(input.subarray(0, n)));
+        input.fill(0xee);
+      }
+      assert.equal(got.length, frames.length, `step ${step}`);
+      got.forEach((g, i) => {
+        assert.equal(g.type, frames[i]!.type);
+        assert.ok(payloadBuffer(g).equals(payloadBuffer(frames[i]!)), `step ${step} frame ${i}`);
+      });
+      // DATA payloads up to the pool's buffer size live in pool buffers, larger ones do not.
+      assert.equal(got[1]!.hold?.pool, pool);
+      assert.equal(got[1]!.payload.length, 1);
+      assert.equal(got[4]!.hold?.pool, null);
+      assert.equal(got[0]!.hold, undefined);
+    }
+  });
+
+  test('a pool buffer is reused only after its last holder released it', () => {
+    const pool = new PayloadPool(4);
+    pool.capacityBytes = 4096;
+    const frame = (h = pool.take(100)): Frame => ({
+      type: FrameType.data,
+      flags: 0,
+      offset: 0,
+      lengthBytes: 100,
+      payload: [h.buf.subarray(0, 100)],
+      hold: h,
+    });
+    const f = frame();
+    holdFrame(f); // e.g. a socket write in flight
+    releaseFrame(f); // the writer is done
+    assert.equal(pool.idle, 0, 'one holder left');
+    assert.notEqual(pool.take(100).buf, f.hold!.buf);
+    releaseFrame(f);
+    assert.equal(pool.idle, 1);
+    releaseFrame(f); // a stray extra release must not hand the buffer out twice
+    assert.equal(pool.idle, 1);
+    assert.equal(pool.take(100).buf, f.hold!.buf);
+    // The ring holds what it keeps and lets go of what it drops.
+    const ring = new FrameRing(150);
+    const a = frame();
+    const b = { ...frame(), offset: 100 };
+    ring.put(a);
+    releaseFrame(a);
+    assert.equal(a.hold!.refs, 1, 'the ring holds a');
+    ring.put(b);
+    assert.equal(a.hold!.refs, 0, 'a dropped from the ring');
+    assert.equal(b.hold!.refs, 2);
   });
 
   test('a corrupt frame is a protocol error, not a crash', () => {

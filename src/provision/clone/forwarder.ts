@@ -19,10 +19,12 @@ import {
   bareFrame,
   frameFlagDeflate,
   frameFlagFinal,
+  holdFrame,
   jsonFrame,
   linkMac,
   payloadBuffer,
   payloadBytes,
+  releaseFrame,
   writeFrame,
   type Frame,
   type Route,
@@ -61,19 +63,22 @@ export class Pulse {
   }
 }
 
-/** Recently received frames, by offset, bounded by payload bytes. */
+/** Recently received frames, by offset, bounded by payload bytes. The ring holds its frames' payloads. */
 export class FrameRing {
   private frames = new Map<number, Frame>();
   private bytes = 0;
   constructor(private readonly maxBytes: number) {}
   put(f: Frame): void {
     if (this.frames.has(f.offset)) return;
+    holdFrame(f);
     this.frames.set(f.offset, f);
     this.bytes += payloadBytes(f);
     while (this.bytes > this.maxBytes && this.frames.size > 1) {
       const oldest = this.frames.keys().next().value as number;
-      this.bytes -= payloadBytes(this.frames.get(oldest)!);
+      const old = this.frames.get(oldest)!;
+      this.bytes -= payloadBytes(old);
       this.frames.delete(oldest);
+      releaseFrame(old);
     }
   }
   get(offset: number): Frame | undefined {
@@ -274,9 +279,9 @@ export class Forwarder {
           await Promise.race([this.o.written.wait(), this.wake.wait(), closed]);
           continue;
         }
-        const { f, pooled } = await this.frameAt(reader, off, avail);
+        const { f, done } = await this.frameAt(reader, off, avail);
         alive();
-        await write(f, pooled ? () => reader.release(pooled) : undefined);
+        await write(f, done ?? undefined);
         off += f.lengthBytes;
         this.sentBytes = off;
         this.totalSentBytes += payloadBytes(f);
@@ -299,24 +304,31 @@ export class Forwarder {
     }
   }
 
-  /** The frame at off; pooled: the reader's buffer to give back once the socket has written it. */
+  /**
+   * The frame at off; done: to call once the socket has written it (gives its buffer back). A ring
+   * frame is held from here (synchronously with the lookup), so the ring may drop it meanwhile.
+   */
   private async frameAt(
     reader: ChunkReader,
     off: number,
     avail: number,
-  ): Promise<{ f: Frame; pooled: Buffer | null }> {
+  ): Promise<{ f: Frame; done: (() => void) | null }> {
     const cached = this.o.ring?.get(off);
-    if (cached && off + cached.lengthBytes <= avail) return { f: cached, pooled: null };
+    if (cached && off + cached.lengthBytes <= avail) {
+      if (!cached.hold) return { f: cached, done: null };
+      holdFrame(cached);
+      return { f: cached, done: () => releaseFrame(cached) };
+    }
     const f = await reader.frame(off, avail);
-    if (f.type !== FrameType.data) return { f, pooled: null };
+    if (f.type !== FrameType.data) return { f, done: null };
     const buf = f.payload[0]!;
     if (this.o.header.compress === 'deflate') {
       const c = await deflateRaw(buf, { level: 1, strategy: zc.Z_DEFAULT_STRATEGY });
       if (c.length < buf.length) {
         reader.release(buf);
-        return { f: { ...f, flags: frameFlagDeflate, payload: [c] }, pooled: null };
+        return { f: { ...f, flags: frameFlagDeflate, payload: [c] }, done: null };
       }
     }
-    return { f, pooled: buf };
+    return { f, done: () => reader.release(buf) };
   }
 }

@@ -4,7 +4,7 @@
 // target before the target is even opened for writing. Every data link re-checks the header.
 import { constants as fsc } from 'node:fs';
 import { open, readFile, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
-import { createServer, type Server, type Socket } from 'node:net';
+import { Socket, createServer, type Server } from 'node:net';
 import { promisify } from 'node:util';
 import { inflateRaw as inflateRawCb } from 'node:zlib';
 import { z } from 'zod';
@@ -16,6 +16,7 @@ import {
   FrameParser,
   FrameType,
   LinkHello,
+  PayloadPool,
   StreamHeader,
   ToReceiver,
   bareFrame,
@@ -29,6 +30,7 @@ import {
   payloadBuffer,
   payloadBytes,
   protocolVersion,
+  releaseFrame,
   sameStream,
   welcomeMac,
   writeFrame,
@@ -40,6 +42,9 @@ import { connectControlTls, createLinkTlsServer, linkPsk, type ClientTls } from 
 import { volumeInfo, writeFully, writevFully, zeros } from './volume.js';
 
 const inflateRaw = promisify(inflateRawCb);
+
+/** The static read buffer of a plain TCP data link (one read takes at most this much). */
+const receiverReadBufferBytes = 256 * 1024;
 
 export interface ReceiverLimits {
   /** Frames queued from the upstream before its socket is paused. */
@@ -154,6 +159,8 @@ export class Receiver {
   private lastAckBytes = 0;
   private readonly written = new Pulse();
   private readonly ring: FrameRing;
+  /** Buffers DATA payloads are received into (see PayloadPool), sized to the stream's chunks. */
+  private readonly payloads: PayloadPool;
   private forwarder: Forwarder | null = null;
   private control: ControlConn<ToReceiver> | null = null;
   private dataServer: Server | null = null;
@@ -182,6 +189,10 @@ export class Receiver {
   constructor(o: ReceiverOptions) {
     this.o = o;
     this.ring = new FrameRing(o.limits.ringMaxBytes);
+    // Enough for everything in flight: the inbound queue, the ring and the forward send queue.
+    this.payloads = new PayloadPool(
+      Math.ceil((o.limits.inQueueMaxBytes + o.limits.ringMaxBytes) / (1024 * 1024)) + 16,
+    );
     this.progress = new ProgressLine(process.stderr, o.quiet);
   }
 
@@ -222,7 +233,7 @@ export class Receiver {
     return new Promise((resolve, reject) => {
       const srv = this.o.tls
         ? createLinkTlsServer(linkPsk(this.o.secret, this.o.session), (sock) => this.onDataConnection(sock))
-        : createServer((sock) => this.onDataConnection(sock));
+        : createServer({ pauseOnConnect: true }, (raw) => this.onPlainDataConnection(raw));
       srv.once('error', (err) =>
         reject(new CloneTargetError(`--data-port ${this.o.dataPort}`, `cannot listen: ${err.message}`)),
       );
@@ -326,6 +337,7 @@ export class Receiver {
       );
     }
     this.header = h;
+    this.payloads.capacityBytes = h.chunkBytes;
     this.hash ??= new ChunkedDigest(h.chunkBytes);
     return h;
   }
@@ -458,9 +470,41 @@ export class Receiver {
 
   // ---- data links ----
 
-  private onDataConnection(sock: Socket): void {
+  /**
+   * A plain TCP link reads into one static buffer (net.Socket's onread) instead of a fresh 64 KiB
+   * ArrayBuffer per read: at a gigabit, those allocations alone make V8 run a full mark-compact
+   * every ~20 MiB received. Node offers onread only to sockets it constructs, so the accepted
+   * connection (paused, not read yet) hands its handle to a new Socket built with it. `_handle` and
+   * the `handle` option are Node internals (used as Node 20 has them); every plain link of the
+   * clone tests goes through here, so a Node that changes them fails those tests, not silently.
+   */
+  private onPlainDataConnection(raw: Socket): void {
+    const r = raw as unknown as { _handle: unknown };
+    const handle = r._handle;
+    if (!handle) {
+      raw.destroy();
+      return;
+    }
+    r._handle = null;
+    raw.destroy();
+    let onChunk: ((d: Buffer) => void) | null = null;
+    const sock = new Socket({
+      handle,
+      onread: {
+        buffer: Buffer.allocUnsafeSlow(receiverReadBufferBytes),
+        callback: (n: number, buf: Uint8Array) => {
+          onChunk?.(Buffer.from(buf.buffer, buf.byteOffset, n));
+          return true;
+        },
+      },
+    } as unknown as ConstructorParameters<typeof Socket>[0]);
+    onChunk = this.onDataConnection(sock, true);
+  }
+
+  /** Takes the frames of an upstream link; returns the chunk handler when the caller feeds it. */
+  private onDataConnection(sock: Socket, staticReads = false): (d: Buffer) => void {
     sock.setNoDelay(true);
-    const parser = new FrameParser();
+    const parser = new FrameParser(this.payloads, staticReads);
     let conn: { sock: Socket; connId: number; gen: number; headerOk: boolean } | null = null;
     const helloTimer = setTimeout(() => sock.destroy(), this.o.limits.linkHelloTimeoutMs);
     sock.on('error', () => undefined);
@@ -468,7 +512,7 @@ export class Receiver {
       clearTimeout(helloTimer);
       // this.upstream stays: frames it sent before closing (END) are still processed in order.
     });
-    sock.on('data', (d: Buffer) => {
+    const onChunk = (d: Buffer) => {
       let frames: Frame[];
       try {
         frames = parser.push(d);
@@ -489,7 +533,9 @@ export class Receiver {
       }
       if (this.queuedBytes > this.o.limits.inQueueMaxBytes) sock.pause();
       void this.processQueue();
-    });
+    };
+    if (!staticReads) sock.on('data', onChunk);
+    return onChunk;
   }
 
   private reject(sock: Socket, reason: string): null {
@@ -536,7 +582,11 @@ export class Receiver {
   private dropStale(): void {
     const cur = this.upstream?.connId ?? -1;
     const keep = this.queue.filter((q) => q.connId === cur);
-    for (const q of this.queue) if (q.connId !== cur) this.queuedBytes -= payloadBytes(q.f);
+    for (const q of this.queue)
+      if (q.connId !== cur) {
+        this.queuedBytes -= payloadBytes(q.f);
+        releaseFrame(q.f);
+      }
     this.queue = keep;
   }
 
@@ -548,12 +598,18 @@ export class Receiver {
         const { connId, f } = this.queue.shift()!;
         this.queuedBytes -= payloadBytes(f);
         const conn = this.upstream;
-        if (!conn || conn.connId !== connId) continue;
+        if (!conn || conn.connId !== connId) {
+          releaseFrame(f);
+          continue;
+        }
         try {
           await this.apply(conn, f);
         } catch (err) {
           this.log(`dropping link from upstream: ${(err as Error).message}`);
           conn.sock.destroy();
+        } finally {
+          // Written and hashed (the ring holds it on its own if it keeps it).
+          releaseFrame(f);
         }
         if (this.queuedBytes <= this.o.limits.inQueueMaxBytes / 2 && conn.sock.isPaused()) conn.sock.resume();
       }
