@@ -11,7 +11,7 @@ import { keys } from '../src/core/keys.js';
 import { ResourceSpec } from '../src/core/spec.js';
 import { readStatus, type StatusData } from '../src/cli/status.js';
 import { Hub } from '../src/api/hub.js';
-import { StatusView, statusEventsMax } from '../src/api/status-view.js';
+import { StatusView, statusEventsMax, statusRebuildEveryMs } from '../src/api/status-view.js';
 
 const nodes = ['n1', 'n2', 'n3'];
 const k = keys('sv');
@@ -158,5 +158,46 @@ describe('status view', { timeout: 60_000 }, () => {
     await same('after a reset during writes');
     assert.equal(loads, l0 + 1);
     assert.equal((await view.status()).events.at(-1)?.message, 'w19');
+  });
+
+  it(`during a storm of changes json() rebuilds at most every ${statusRebuildEveryMs} ms and is never older than that`, async () => {
+    await same('before the storm');
+    const b0 = builds;
+    const t0 = performance.now();
+    let stalest = 0;
+    let writing = true;
+    const writes = (async () => {
+      for (let i = 0; performance.now() - t0 < 6 * statusRebuildEveryMs; i++) {
+        await store.put(k.nodeStatus('n2'), JSON.stringify({ state: 'online', reason: `s${i}`, sinceMs: i }));
+        await new Promise((r) => setTimeout(r, 3));
+      }
+      writing = false;
+    })();
+    // the revision each answer carries, against when the hub saw it
+    const seenAt = new Map<number, number>();
+    hub.on('change', (rev: number) => seenAt.set(rev, performance.now()));
+    while (writing) {
+      const s = JSON.parse(await view.json()) as StatusData;
+      // the first revision after the one served: how long ago the served status became outdated
+      const newer = [...seenAt].filter(([rev]) => rev > s.revision).map(([, at]) => at);
+      if (newer.length) stalest = Math.max(stalest, performance.now() - Math.min(...newer));
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    await writes;
+    const storm = performance.now() - t0;
+    assert.ok(
+      builds - b0 <= storm / statusRebuildEveryMs + 2,
+      `${builds - b0} rebuilds in ${storm.toFixed(0)} ms of changes`,
+    );
+    // one rebuild's time beyond the bound on this busy machine
+    assert.ok(stalest < statusRebuildEveryMs + 150, `a status outdated for ${stalest.toFixed(0)} ms`);
+    // after the storm the timer brings json() up to date without a status() call
+    const rev = await store.revision();
+    const t1 = Date.now();
+    while ((JSON.parse(await view.json()) as StatusData).revision < rev) {
+      assert.ok(Date.now() - t1 < 2000, 'json() did not catch up after the storm');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await same('after the storm');
   });
 });

@@ -25,7 +25,7 @@ export interface ApiContext {
   log: (level: 'info' | 'warn' | 'error', msg: string) => void;
   /** the cluster status from the API's in-memory view (src/api/status-view.ts) */
   status(): Promise<StatusData>;
-  /** the same as JSON, serialised once per change */
+  /** the same as JSON, serialised once per rebuild; after a change, at most statusRebuildEveryMs old */
   statusJson(): Promise<string>;
   ops(caller: Caller): OpsContext;
 }

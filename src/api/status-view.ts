@@ -1,13 +1,16 @@
 // The API's status without reading the store per request: an in-memory mirror of the keys a
 // snapshot reads (src/manager/load.ts) and of the last events, loaded once by one consistent read
-// and kept current by the hub's store watch. A request after a change rebuilds the status from the
-// mirror (no I/O: parse and count, about a millisecond for 50 resources) and serialises it once;
-// every other request gets the cached JSON with a fresh nowMs. So /api/v1/status costs the same
-// during a failover as at rest, and it never waits for the store.
+// and kept current by the hub's store watch. A rebuild from the mirror does no I/O and parses only
+// the keys that changed since the last one (a parse memo keyed by the mirror's objects); the JSON
+// is serialised once per rebuild and every request gets it with a fresh nowMs. During a storm of
+// changes (a failover writes every few ms) GET /api/v1/status rebuilds at most once per
+// statusRebuildEveryMs: meanwhile it answers with the last status (its revision says how old,
+// never more than statusRebuildEveryMs plus one rebuild) and a timer rebuilds it. So a request
+// rarely pays for a rebuild, the API's CPU stays flat, and it never waits for the store.
 import type { KeyValue, Store, TxnRequest, TxnResult, WatchEvent } from '../store/types.js';
 import type { Keys } from '../core/keys.js';
 import type { ClusterEvent } from '../core/types.js';
-import { loadSnapshot, snapshotSections } from '../manager/load.js';
+import { loadSnapshot, snapshotSections, type SnapshotParseMemo } from '../manager/load.js';
 import { statusFromSnapshot, type StatusData } from '../cli/status.js';
 import type { Hub } from './hub.js';
 
@@ -15,6 +18,8 @@ import type { Hub } from './hub.js';
 export const statusEventsMax = 20;
 /** watch batches kept while the mirror (re)loads; beyond this the load starts over */
 export const statusPendingBatchesMax = 10_000;
+/** json() rebuilds at most this often; in between it answers with the last status */
+export const statusRebuildEveryMs = 100;
 
 interface Cached {
   data: StatusData;
@@ -30,7 +35,14 @@ export class StatusView {
   private pending: WatchEvent[][] | undefined;
   private loading: Promise<void> | undefined;
   private cached: Cached | undefined;
+  /** the last status built, still served by json() for up to statusRebuildEveryMs after a change */
+  private last: Cached | undefined;
+  private lastBuiltMs = 0;
+  private rebuildTimer: NodeJS.Timeout | undefined;
   private building: Promise<Cached> | undefined;
+  /** the mirror's keys in order, for ranges; undefined after a change */
+  private sorted: KeyValue[] | undefined;
+  private readonly memo: SnapshotParseMemo = new WeakMap();
   private readonly prefixes: string[];
   private readonly singles: Set<string>;
 
@@ -77,6 +89,7 @@ export class StatusView {
       else if (this.mirrored(key)) {
         if (e.type === 'put') this.kvs.set(key, e.kv);
         else this.kvs.delete(key);
+        this.sorted = undefined;
       }
     }
     const last = evs[evs.length - 1];
@@ -121,6 +134,7 @@ export class StatusView {
           ],
         });
         this.kvs.clear();
+        this.sorted = undefined;
         this.events = [];
         const eventsRange = res.results[res.results.length - 1];
         for (const r of res.results.slice(0, -1)) {
@@ -152,7 +166,9 @@ export class StatusView {
   private reader(): Pick<Store, 'txn'> {
     return {
       txn: (req: TxnRequest): Promise<TxnResult> => {
-        const sorted = [...this.kvs.values()].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+        const sorted = (this.sorted ??= [...this.kvs.values()].sort((a, b) =>
+          a.key < b.key ? -1 : a.key > b.key ? 1 : 0,
+        ));
         const results = req.success.map((op) => {
           if (op.type === 'range')
             return {
@@ -172,7 +188,7 @@ export class StatusView {
     if (!this.loaded) await this.load();
     const t0 = performance.now();
     const revision = this.revision;
-    const snap = await loadSnapshot(this.reader(), this.cluster);
+    const snap = await loadSnapshot(this.reader(), this.cluster, this.memo);
     const data = statusFromSnapshot(
       snap,
       this.cluster,
@@ -184,7 +200,9 @@ export class StatusView {
     const c: Cached = { data, bodyTail: JSON.stringify(rest).slice(1) };
     // a batch applied meanwhile (none can: no await above does I/O) would have cleared the cache
     if (this.revision === revision) this.cached = c;
-    this.observeBuild(performance.now() - t0);
+    this.last = c;
+    this.lastBuiltMs = performance.now();
+    this.observeBuild(this.lastBuiltMs - t0);
     return c;
   }
 
@@ -199,9 +217,22 @@ export class StatusView {
     return { ...c.data, nowMs: Date.now() };
   }
 
-  /** The status as JSON, serialised once per change. */
+  /**
+   * The status as JSON, serialised once per rebuild. After a change it is the last one built for
+   * up to statusRebuildEveryMs; a timer rebuilds it then (status() always rebuilds after a change).
+   */
   async json(): Promise<string> {
-    const c = await this.current();
+    let c = this.cached ?? this.last;
+    if (!this.cached && c && performance.now() - this.lastBuiltMs < statusRebuildEveryMs) {
+      this.rebuildTimer ??= setTimeout(
+        () => {
+          this.rebuildTimer = undefined;
+          void this.current().catch(() => undefined);
+        },
+        Math.max(0, this.lastBuiltMs + statusRebuildEveryMs - performance.now()),
+      );
+      this.rebuildTimer.unref();
+    } else c = await this.current();
     return c.bodyTail === '}' ? `{"nowMs":${Date.now()}}` : `{"nowMs":${Date.now()},${c.bodyTail}`;
   }
 }

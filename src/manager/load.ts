@@ -56,8 +56,20 @@ export const snapshotSections = [
 ] as const;
 const sections = snapshotSections;
 
+/**
+ * Parsed records by the KeyValue object they were parsed from. A caller that passes the same
+ * objects again (the API's in-memory mirror keeps one per key until the key changes) parses only
+ * the keys that changed: during a failover that is a few of hundreds, and the resource specs'
+ * schema check is most of a snapshot's cost. Records are shared between snapshots: read only.
+ */
+export type SnapshotParseMemo = WeakMap<KeyValue, { v?: unknown; error?: string }>;
+
 /** `store` needs only txn (ranges and gets): the API's status view passes an in-memory mirror. */
-export async function loadSnapshot(store: Pick<Store, 'txn'>, cluster: string): Promise<Snapshot> {
+export async function loadSnapshot(
+  store: Pick<Store, 'txn'>,
+  cluster: string,
+  memo?: SnapshotParseMemo,
+): Promise<Snapshot> {
   const k = keysOf(cluster);
   const res = await store.txn({
     compare: [],
@@ -69,14 +81,23 @@ export async function loadSnapshot(store: Pick<Store, 'txn'>, cluster: string): 
     ],
   });
   const corrupt: Snapshot['corrupt'] = [];
-  const parse = <T>(kv: KeyValue): T | undefined => {
-    try {
-      return JSON.parse(kv.value) as T;
-    } catch (e) {
-      corrupt.push({ key: kv.key, error: (e as Error).message });
-      return undefined;
+  const memoized = <T>(kv: KeyValue, f: () => { v?: unknown; error?: string }): T | undefined => {
+    let m = memo?.get(kv);
+    if (!m) {
+      m = f();
+      memo?.set(kv, m);
     }
+    if (m.error !== undefined) corrupt.push({ key: kv.key, error: m.error });
+    return m.v as T | undefined;
   };
+  const parse = <T>(kv: KeyValue): T | undefined =>
+    memoized<T>(kv, () => {
+      try {
+        return { v: JSON.parse(kv.value) as unknown };
+      } catch (e) {
+        return { error: (e as Error).message };
+      }
+    });
   const ranges = res.results.slice(0, sections.length).map((r) => (r.type === 'range' ? r.kvs : []));
   const get = (i: number): KeyValue | undefined => {
     const r = res.results[sections.length + i];
@@ -127,15 +148,19 @@ export async function loadSnapshot(store: Pick<Store, 'txn'>, cluster: string): 
     if (v) node(tail(kv, 'fence')).fence = v;
   }
   for (const kv of specs ?? []) {
-    const raw = parse<unknown>(kv);
-    if (raw === undefined) continue;
-    const v = ResourceSpec.safeParse(raw);
-    if (v.success) resource(tail(kv, 'resources')).spec = v.data;
-    else
-      corrupt.push({
-        key: kv.key,
-        error: v.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; '),
-      });
+    const spec = memoized<ResourceSpec>(kv, () => {
+      let raw: unknown;
+      try {
+        raw = JSON.parse(kv.value);
+      } catch (e) {
+        return { error: (e as Error).message };
+      }
+      const v = ResourceSpec.safeParse(raw);
+      return v.success
+        ? { v: v.data }
+        : { error: v.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ') };
+    });
+    if (spec) resource(tail(kv, 'resources')).spec = spec;
   }
   for (const kv of assigns ?? []) {
     modRevisions.set(kv.key, kv.modRevision);
