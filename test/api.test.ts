@@ -194,6 +194,48 @@ describe('REST API', { timeout: 60_000 }, () => {
       (r.json as unknown as { id: string }[]).map((x) => x.id),
       ['vm1'],
     );
+    // destroy = kill at once (killOnStop) until an API start/stop or `corral resource start`
+    const vmSpec = async () =>
+      (await call('GET', '/api/v1/vms/vm1', { token: tok.viewer })).json.spec as {
+        desired: string;
+        killOnStop?: boolean;
+      };
+    r = await call('POST', '/api/v1/vms/vm1/destroy', { token: tok.operator });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    let after = await vmSpec();
+    assert.equal(after.desired, 'stopped');
+    assert.equal(after.killOnStop, true);
+    r = await call('POST', '/api/v1/resources/web/destroy', { token: tok.operator });
+    assert.equal(r.status, 404, 'only VMs are destroyed');
+    r = await call('POST', '/api/v1/vms/vm1/start', { token: tok.operator });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    after = await vmSpec();
+    assert.equal(after.desired, 'started');
+    assert.equal(after.killOnStop, undefined, 'an API start ends the kill-at-once');
+    for (const [verb, desired] of [
+      ['stop', 'stopped'],
+      ['start', 'started'],
+    ] as const) {
+      r = await call('POST', '/api/v1/vms/vm1/destroy', { token: tok.operator });
+      assert.equal(r.status, 200, JSON.stringify(r.json));
+      assert.equal((await vmSpec()).killOnStop, true);
+      const cli = spawnSync(
+        process.execPath,
+        [
+          join(import.meta.dirname, '..', 'bin', 'corral.js'),
+          'resource',
+          verb,
+          'vm1',
+          '--config',
+          configPath,
+        ],
+        { encoding: 'utf8', timeout: 30_000, env: { ...process.env, CORRAL_HOME: join(dir, 'home') } },
+      );
+      assert.equal(cli.status, 0, cli.stdout + cli.stderr);
+      after = await vmSpec();
+      assert.equal(after.desired, desired);
+      assert.equal(after.killOnStop, undefined, `\`corral resource ${verb}\` ends the kill-at-once`);
+    }
     r = await call('DELETE', '/api/v1/resources/web', { token: tok.operator });
     assert.equal(r.status, 200);
     assert.equal((await store.get(keys('apitest').resource('web'))) === undefined, true);

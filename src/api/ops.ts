@@ -106,9 +106,25 @@ export async function undefineResource(c: OpsContext, id: string): Promise<void>
 }
 
 export async function setDesired(c: OpsContext, id: string, desired: 'started' | 'stopped'): Promise<void> {
-  await updateSpec(c, id, (s) => ({ ...s, desired }));
+  // a start or a (graceful) stop ends an earlier destroy's kill-at-once, as `corral vm start|stop` do
+  await updateSpec(c, id, (s) => ({ ...s, desired, killOnStop: undefined }));
   const verb = desired === 'started' ? 'start' : 'stop';
   await writeEvent(c, 'operator', id, verb, `${id}: ${verb} requested by ${c.by}`);
+}
+
+/** Stop a VM by killing its QEMU at once (no ACPI power-down, no grace), like `corral vm destroy`. */
+export async function destroyVm(c: OpsContext, id: string): Promise<void> {
+  await updateSpec(c, id, (s) => {
+    if (s.kind !== 'vm')
+      throw new ApiError(
+        'CORRAL_API_BAD_REQUEST',
+        `${id} is a ${s.kind} resource; only VMs are destroyed`,
+        'params.id',
+        'use POST /api/v1/resources/{id}/stop',
+      );
+    return { ...s, desired: 'stopped', killOnStop: true };
+  });
+  await writeEvent(c, 'operator', id, 'destroy', `${id}: destroy requested by ${c.by}`);
 }
 
 /** Move (for a VM: live-migrate) to a node; null clears the preferred node. */

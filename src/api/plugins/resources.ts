@@ -1,4 +1,5 @@
-// /api/v1/resources (CRUD and actions) and /api/v1/vms (the same records, kind vm; migrate = move).
+// /api/v1/resources (CRUD and actions) and /api/v1/vms (the same records, kind vm; migrate = move;
+// destroy = kill at once).
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { route } from '../route.js';
@@ -7,6 +8,7 @@ import { ApiError } from '../errors.js';
 import {
   cleanupResource,
   defineResource,
+  destroyVm,
   getSpec,
   moveResource,
   setDesired,
@@ -210,6 +212,26 @@ export function resourceRoutes(ctx: ApiContext) {
               ok: true as const,
               message: `${params.id}: desired ${verb === 'start' ? 'started' : 'stopped'}`,
             };
+          },
+        );
+
+      if (kind)
+        route(
+          app,
+          p,
+          {
+            method: 'POST',
+            url: `/${base}/:id/destroy`,
+            summary: 'kill the QEMU at once (no ACPI power-down, no grace); start or stop end it',
+            tag,
+            role: 'operator',
+            params: IdParams,
+            reply: Ok,
+          },
+          async ({ params, req }) => {
+            await checkKind(params.id);
+            await destroyVm(caller(req), params.id);
+            return { ok: true as const, message: `${params.id}: destroy requested` };
           },
         );
 
