@@ -105,6 +105,13 @@ describe('decide: fencing before recovery', () => {
     const acts = decide(view([node('n1', 'online'), n2], []));
     assert.ok(acts.some((a) => a.type === 'fence' && a.node === 'n2'));
     assert.equal(setNode(acts, 'n2')?.fenceAttempts, 1);
+    const attempt = acts.find((a) => a.type === 'setNode' && a.node === 'n2');
+    assert.equal(
+      attempt?.type === 'setNode' ? attempt.event : 'none',
+      undefined,
+      'no fencing -> fencing event',
+    );
+    assert.ok(acts.some((a) => a.type === 'fence' && a.event.action === 'fence-start'));
     // a failed fence record does not make the node fenced
     const failed = {
       ...n2,

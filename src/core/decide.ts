@@ -243,8 +243,12 @@ function decideFencing(
       nextFenceAtMs: now + t.fenceTimeoutMs + backoffMs,
     },
   );
+  // the attempt count and back-off are recorded; the event is the 'fence-start' below (a
+  // "fencing -> fencing" state event before every attempt was noise in the event log)
   return [
-    next,
+    next.type === 'setNode' && st.state === 'fencing'
+      ? { type: 'setNode', node: next.node, next: next.next }
+      : next,
     {
       type: 'fence',
       node: n.name,

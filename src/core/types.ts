@@ -281,7 +281,8 @@ export interface ClusterEvent {
 }
 
 export type Action =
-  | { type: 'setNode'; node: string; next: NodeStatus; event: ClusterEvent }
+  /** event: absent when another action of the round says it (a fence attempt's 'fence-start') */
+  | { type: 'setNode'; node: string; next: NodeStatus; event?: ClusterEvent }
   | { type: 'fence'; node: string; incarnation: number; deadlineMs: number; event: ClusterEvent }
   | { type: 'fenceRecord'; record: FenceRecord; event: ClusterEvent }
   | { type: 'setResource'; id: string; prev?: ResourceRecord; next: ResourceRecord; event?: ClusterEvent }

@@ -245,7 +245,7 @@ export class Manager {
         case 'setNode':
           u.compare.push(guardOf(this.k.nodeStatus(a.node)));
           u.ops.push({ type: 'put', key: this.k.nodeStatus(a.node), value: JSON.stringify(a.next) });
-          u.events.push(a.event);
+          if (a.event) u.events.push(a.event);
           break;
         case 'fence': {
           // runs only if the round's setNode for this node (the attempt count) committed
