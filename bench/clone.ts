@@ -4,14 +4,20 @@
 //   - udpcast (udp-sender / udp-receiver --sync, Debian's udpcast), when installed and namespaces exist.
 // Hosts are network namespaces on veth links shaped with tc tbf (default 1gbit) when root is
 // available; else everything runs over loopback (unshaped, no udpcast).
-// Throughput per receiver counts the whole image (skipped zero blocks included), as the issue asks.
+// Throughput per receiver counts the whole image (skipped zero blocks included), as the issue asks;
+// "of line" divides it by the tc rate. "busiest link" is what the most loaded link carried in that
+// time, as a share of the tc rate: corral sends the non-zero blocks once per hop, unicast sends N
+// whole copies through the server's link, udpcast the whole image once.
 //
 //   npx tsx bench/clone.ts [--size-mib 1024] [--receivers 1,2,4] [--rate 1gbit] [--no-udpcast]
 //                          [--only corral,tls,unicast,udpcast]   (tls: corral clone --tls; not by default)
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
+import { open } from 'node:fs/promises';
 import { corral, exitWithin, killAll, makeImage } from '../src/provision/clone/testing.js';
+import { isAllZero } from '../src/provision/clone/volume.js';
 import { createNetnsLab, netnsUnavailable, type NetnsLab } from '../test/helpers/netns.js';
 
 const args = process.argv.slice(2);
@@ -59,6 +65,8 @@ const haveTime = (() => {
 const timed = haveTime ? ['/usr/bin/time', '-f', 'bench-cpu-s %U %S'] : [];
 const prefix = (i: number) => [...(lab ? lab.exec(i) : []), ...timed];
 let cpuS = 0;
+/** serve's source checksum (before receivers are chained; not in the clone time). */
+const sourceHashS: number[] = [];
 const addCpu = (stderr: string) => {
   for (const m of stderr.matchAll(/bench-cpu-s ([\d.]+) ([\d.]+)/g)) cpuS += Number(m[1]) + Number(m[2]);
 };
@@ -147,6 +155,8 @@ async function cloneRun(src: string, n: number, tls = false): Promise<number> {
     if ((await exitWithin(r, runTimeoutMs)) !== 0) throw new Error(`receiver failed:\n${r.stderr()}`);
   if ((await exitWithin(server, 60_000)) !== 0) throw new Error(`serve failed:\n${server.stderr()}`);
   const st = JSON.parse(server.stdout()) as { elapsedMs: number };
+  const hashMs = server.stderr().match(/source sha256 [0-9a-f]+ \((\d+) ms\)/);
+  if (hashMs) sourceHashS.push(Number(hashMs[1]) / 1000);
   for (const p of [server, ...rs]) addCpu(p.stderr());
   for (let k = 0; k < n; k++) rmSync(join(dir, `c${k}.img`), { force: true });
   return st.elapsedMs / 1000;
@@ -243,14 +253,18 @@ async function udpcastRun(src: string, n: number): Promise<number> {
 async function main(): Promise<void> {
   const src = join(dir, 'golden.img');
   await makeImage(src, sizeBytes, 42);
+  const dataBytes = await nonZeroBytes(src);
   console.log(
-    `# bench/clone: ${sizeMiB} MiB image (half zero blocks), ${lab ? `netns + veth shaped to ${rate} (tbf)` : `loopback, unshaped (${why})`}; udpcast ${haveUdpcast ? 'yes' : 'not run'}`,
+    `# bench/clone: ${sizeMiB} MiB image (${(dataBytes / MiB).toFixed(0)} MiB in non-zero 1 MiB blocks), ${lab ? `netns + veth shaped to ${rate} (tbf)` : `loopback, unshaped (${why})`}; udpcast ${haveUdpcast ? 'yes' : 'not run'}`,
   );
-  const rows: { method: string; n: number; s: number; cpuS: number }[] = [];
+  const linkBytes = (method: string, n: number) =>
+    method.startsWith('corral') ? dataBytes : method === 'unicast xN' ? n * sizeBytes : sizeBytes;
+  const rows: { method: string; n: number; s: number; cpuS: number; load: number }[] = [];
   const measure = async (method: string, n: number, f: () => Promise<number>) => {
     cpuS = 0;
     const s = await f();
-    rows.push({ method, n, s, cpuS });
+    // The machine's 1-minute load average as the run ends (this bench's own processes included).
+    rows.push({ method, n, s, cpuS, load: loadavg()[0]! });
   };
   for (const n of counts) {
     if (only.has('corral')) await measure('corral clone', n, () => cloneRun(src, n));
@@ -262,18 +276,38 @@ async function main(): Promise<void> {
   }
   const mbps = (s: number) => sizeBytes / s / 1e6;
   console.log(
-    `${'method'.padEnd(14)} ${'N'.padStart(2)} ${'time s'.padStart(8)} ${'MB/s per rcv'.padStart(13)} ${lineBps ? 'of line'.padStart(8) : ''} ${'vs udpcast'.padStart(10)} ${'vs unicast'.padStart(10)} ${haveTime ? 'CPU s'.padStart(6) : ''}`,
+    `${'method'.padEnd(14)} ${'N'.padStart(2)} ${'time s'.padStart(8)} ${'MB/s per rcv'.padStart(13)} ${lineBps ? 'of line'.padStart(8) : ''} ${'vs udpcast'.padStart(10)} ${'vs unicast'.padStart(10)} ${haveTime ? 'CPU s'.padStart(6) : ''} ${lineBps ? 'busiest link' : ''} ${'load'.padStart(5)}`,
   );
   for (const r of rows) {
     const udp = rows.find((x) => x.n === r.n && x.method === 'udpcast');
     const uni = rows.find((x) => x.n === r.n && x.method === 'unicast xN');
     console.log(
-      `${r.method.padEnd(14)} ${String(r.n).padStart(2)} ${r.s.toFixed(2).padStart(8)} ${mbps(r.s).toFixed(1).padStart(13)} ${lineBps ? `${((sizeBytes / r.s / lineBps) * 100).toFixed(0)}%`.padStart(8) : ''} ${(udp ? `${(udp.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${(uni ? `${(uni.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${haveTime ? r.cpuS.toFixed(1).padStart(6) : ''}`,
+      `${r.method.padEnd(14)} ${String(r.n).padStart(2)} ${r.s.toFixed(2).padStart(8)} ${mbps(r.s).toFixed(1).padStart(13)} ${lineBps ? `${((sizeBytes / r.s / lineBps) * 100).toFixed(0)}%`.padStart(8) : ''} ${(udp ? `${(udp.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${(uni ? `${(uni.s / r.s).toFixed(2)}x` : '-').padStart(10)} ${haveTime ? r.cpuS.toFixed(1).padStart(6) : ''} ${lineBps ? `${((linkBytes(r.method, r.n) / r.s / lineBps) * 100).toFixed(0)}%`.padStart(12) : ''} ${r.load.toFixed(1).padStart(5)}`,
     );
   }
+  if (sourceHashS.length > 0)
+    console.log(
+      `(corral time: streaming start to the last receiver verified; serve checksummed the source before, in ${sourceHashS.map((x) => x.toFixed(1)).join('/')} s, not counted)`,
+    );
   console.log(
-    `(ratios: how many times faster than the peer; > 1 is better${haveTime ? '. CPU s: user+system of all processes of the method, process start included' : ''})`,
+    `(ratios: how many times faster than the peer; > 1 is better${haveTime ? '. CPU s: user+system of all processes of the method, process start included' : ''}; load: 1-min load average when the run ended, on ${cpus().length} CPUs)`,
   );
+}
+
+/** Bytes in the image's non-zero 1 MiB blocks (what corral puts on each link). */
+async function nonZeroBytes(path: string): Promise<number> {
+  const fh = await open(path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(MiB);
+    let n = 0;
+    for (let off = 0; off < sizeBytes; off += MiB) {
+      const { bytesRead } = await fh.read(buf, 0, Math.min(MiB, sizeBytes - off), off);
+      if (!isAllZero(buf.subarray(0, bytesRead))) n += bytesRead;
+    }
+    return n;
+  } finally {
+    await fh.close();
+  }
 }
 
 main()
