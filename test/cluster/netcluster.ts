@@ -37,15 +37,12 @@ import { join, resolve } from 'node:path';
 import { openStore } from '../../src/store/index.js';
 import type { Store } from '../../src/store/types.js';
 import { keys } from '../../src/core/keys.js';
-import { loadSnapshot, type Snapshot } from '../../src/manager/load.js';
-import { ResourceSpec, type ResourceSpecInput } from '../../src/core/spec.js';
-import type { ClusterEvent } from '../../src/core/types.js';
 import { formatDisk } from '../../src/health/diskhb.js';
 import { witnessOverlaps } from '../helpers/cluster.js';
+import { ClusterReads } from '../helpers/cluster-reads.js';
 
 export const repo = resolve(import.meta.dirname, '..', '..');
 const corralBin = join(repo, 'bin', 'corral.js');
-const echoService = join(repo, 'test', 'fixtures', 'services', 'http-echo.mjs');
 
 export const netLimits = {
   etcdStartTimeoutMs: 30_000,
@@ -195,7 +192,7 @@ export interface Host {
   etcd?: ChildProcess;
 }
 
-export class NetCluster {
+export class NetCluster extends ClusterReads {
   readonly prefix: string;
   readonly dir: string;
   readonly brNs: string;
@@ -206,6 +203,8 @@ export class NetCluster {
   readonly configPath: string;
   readonly witnessPath: string;
   readonly k = keys('mh');
+  protected readonly clusterName = 'mh';
+  protected readonly waitDefaultMs = 30_000;
   loopDev: string | undefined;
   store!: Store;
   private destroyed = false;
@@ -217,6 +216,7 @@ export class NetCluster {
   };
 
   constructor(readonly o: NetClusterOptions) {
+    super();
     this.prefix = `crl${process.pid}x${clusterCounter++}`;
     this.dir = join(shmRoot, this.prefix);
     this.brNs = `${this.prefix}-br`;
@@ -626,7 +626,7 @@ export class NetCluster {
    * An observer call through the store, retried for a while: on a loaded machine (or while
    * a test itself breaks etcd quorum) a single call can time out without the test being wrong.
    */
-  async observe<T>(what: string, fn: () => Promise<T>): Promise<T> {
+  override async observe<T>(what: string, fn: () => Promise<T>): Promise<T> {
     const t0 = Date.now();
     for (;;) {
       try {
@@ -639,94 +639,6 @@ export class NetCluster {
         await new Promise((r) => setTimeout(r, 250));
       }
     }
-  }
-
-  snapshot(): Promise<Snapshot> {
-    return this.observe('snapshot', () => loadSnapshot(this.store, 'mh'));
-  }
-
-  async events(): Promise<ClusterEvent[]> {
-    const r = await this.observe('events', () => this.store.range(this.k.events));
-    return r.kvs.map((kv) => JSON.parse(kv.value) as ClusterEvent);
-  }
-
-  async waitFor(
-    what: string,
-    cond: () => Promise<boolean>,
-    timeoutMs = 30_000,
-    everyMs = 100,
-    explain = true,
-  ): Promise<number> {
-    const t0 = Date.now();
-    for (;;) {
-      if (await cond().catch(() => false)) return Date.now() - t0;
-      if (Date.now() - t0 > timeoutMs) {
-        let state = '';
-        if (explain) {
-          const s = await this.snapshot().catch(() => undefined);
-          state = s
-            ? [...s.nodes.values()].map((n) => `${n.name}=${n.status?.state}`).join(' ') +
-              ' | ' +
-              [...s.resources.values()]
-                .map((r) => `${r.id}=${r.rec?.state}@${r.rec?.node}(${r.rec?.reason})`)
-                .join(' ')
-            : '(store unreachable)';
-          const evs = await this.events().catch(() => []);
-          state +=
-            '\nevents:\n' +
-            evs
-              .slice(-25)
-              .map((e) => e.message)
-              .join('\n');
-        }
-        throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; ${state}`);
-      }
-      await new Promise((r) => setTimeout(r, everyMs));
-    }
-  }
-
-  async resourceOn(
-    id: string,
-  ): Promise<{ state?: string; node?: string | null; reason?: string; epoch?: number }> {
-    const rec = (await this.snapshot()).resources.get(id)?.rec;
-    return { state: rec?.state, node: rec?.node, reason: rec?.reason, epoch: rec?.epoch };
-  }
-
-  async waitStarted(id: string, notOn?: string, timeoutMs = 30_000): Promise<string> {
-    let node = '';
-    await this.waitFor(
-      `${id} started${notOn ? ` off ${notOn}` : ''}`,
-      async () => {
-        const r = await this.resourceOn(id);
-        node = r.node ?? '';
-        return r.state === 'started' && !!r.node && r.node !== notOn;
-      },
-      timeoutMs,
-    );
-    return node;
-  }
-
-  /** the echo service with a witness file; it listens on 127.0.0.1:port inside its host */
-  async defineService(id: string, port: number, extra: Partial<ResourceSpecInput> = {}): Promise<void> {
-    const spec = ResourceSpec.parse({
-      id,
-      process: {
-        command: [process.execPath, echoService, String(port)],
-        env: { CORRAL_WITNESS: this.witnessPath },
-        stopTimeoutMs: 2000,
-        startTimeoutMs: 5000,
-      },
-      health: {
-        type: 'http',
-        url: `http://127.0.0.1:${port}/`,
-        intervalMs: 300,
-        timeoutMs: 500,
-        failures: 2,
-      },
-      memory: 64,
-      ...extra,
-    } satisfies ResourceSpecInput);
-    await this.observe(`define ${id}`, () => this.store.put(this.k.resource(id), JSON.stringify(spec)));
   }
 
   /** every pair of copies of one resource that ran at the same time (must be none) */

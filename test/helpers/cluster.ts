@@ -9,14 +9,12 @@ import { openStore } from '../../src/store/index.js';
 import type { Store } from '../../src/store/types.js';
 import { keys } from '../../src/core/keys.js';
 import { readPid } from '../../src/cli/local.js';
-import { loadSnapshot, type Snapshot } from '../../src/manager/load.js';
-import type { ResourceSpecInput } from '../../src/core/spec.js';
-import { ResourceSpec } from '../../src/core/spec.js';
-import type { ClusterEvent } from '../../src/core/types.js';
+import { ClusterReads } from './cluster-reads.js';
+
+export { echoService } from './cluster-reads.js';
 
 export const repo = resolve(import.meta.dirname, '..', '..');
 export const corralBin = join(repo, 'bin', 'corral.js');
-export const echoService = join(repo, 'test', 'fixtures', 'services', 'http-echo.mjs');
 
 export interface TestNode {
   name: string;
@@ -36,7 +34,7 @@ export interface ClusterOptions {
   agentArgs?: (node: string) => string[];
 }
 
-export class TestCluster {
+export class TestCluster extends ClusterReads {
   readonly dir: string;
   readonly stateRoot: string;
   readonly configPath: string;
@@ -44,8 +42,11 @@ export class TestCluster {
   readonly agents = new Map<string, ChildProcess>();
   store!: Store;
   readonly k = keys('test');
+  protected readonly clusterName = 'test';
+  protected readonly waitDefaultMs = 20_000;
 
   constructor(readonly o: ClusterOptions) {
+    super();
     this.dir = mkdtempSync(join(tmpdir(), 'corral-test-'));
     this.stateRoot = join(this.dir, 'state');
     this.configPath = join(this.dir, 'cluster.yaml');
@@ -127,94 +128,6 @@ export class TestCluster {
   agentPid(node: string): number {
     const p = join(this.stateRoot, node, 'agent.pid');
     return readPid(readFileSync(p, 'utf8'));
-  }
-
-  /** Define a test service: the echo server with a witness file and a TCP health check. */
-  async defineService(
-    id: string,
-    port: number,
-    extra: Partial<ResourceSpecInput> = {},
-    args: string[] = [],
-  ): Promise<void> {
-    const spec = ResourceSpec.parse({
-      id,
-      process: {
-        command: [process.execPath, echoService, String(port), ...args],
-        env: { CORRAL_WITNESS: this.witnessPath },
-        stopTimeoutMs: 2000,
-        startTimeoutMs: 5000,
-      },
-      health: {
-        type: 'http',
-        url: `http://127.0.0.1:${port}/`,
-        intervalMs: 300,
-        timeoutMs: 500,
-        failures: 2,
-      },
-      memory: 64,
-      ...extra,
-    } satisfies ResourceSpecInput);
-    await this.store.put(this.k.resource(id), JSON.stringify(spec));
-  }
-
-  snapshot(): Promise<Snapshot> {
-    return loadSnapshot(this.store, 'test');
-  }
-
-  async waitFor(
-    what: string,
-    cond: () => Promise<boolean>,
-    timeoutMs = 20000,
-    everyMs = 100,
-  ): Promise<number> {
-    const t0 = Date.now();
-    for (;;) {
-      if (await cond()) return Date.now() - t0;
-      if (Date.now() - t0 > timeoutMs) {
-        const s = await this.snapshot().catch(() => undefined);
-        const state = s
-          ? [...s.nodes.values()].map((n) => `${n.name}=${n.status?.state}`).join(' ') +
-            ' | ' +
-            [...s.resources.values()]
-              .map((r) => `${r.id}=${r.rec?.state}@${r.rec?.node}(${r.rec?.reason})`)
-              .join(' ')
-          : '';
-        throw new Error(
-          `timed out after ${timeoutMs} ms waiting for ${what}; ${state}\nevents:\n${(await this.events())
-            .slice(-25)
-            .map((e) => e.message)
-            .join('\n')}`,
-        );
-      }
-      await new Promise((r) => setTimeout(r, everyMs));
-    }
-  }
-
-  async resourceOn(
-    id: string,
-  ): Promise<{ state?: string; node?: string | null; reason?: string; epoch?: number }> {
-    const s = await this.snapshot();
-    const rec = s.resources.get(id)?.rec;
-    return { state: rec?.state, node: rec?.node, reason: rec?.reason, epoch: rec?.epoch };
-  }
-
-  async waitStarted(id: string, notOn?: string, timeoutMs = 20000): Promise<string> {
-    let node = '';
-    await this.waitFor(
-      `${id} started${notOn ? ` off ${notOn}` : ''}`,
-      async () => {
-        const r = await this.resourceOn(id);
-        node = r.node ?? '';
-        return r.state === 'started' && !!r.node && r.node !== notOn;
-      },
-      timeoutMs,
-    );
-    return node;
-  }
-
-  async events(): Promise<ClusterEvent[]> {
-    const r = await this.store.range(this.k.events);
-    return r.kvs.map((kv) => JSON.parse(kv.value) as ClusterEvent);
   }
 
   cli(...args: string[]): { code: number; stdout: string; stderr: string } {
