@@ -238,7 +238,8 @@ export class FrameParser {
       out.push({ ...this.pending, payload });
       this.pending = null;
     }
-    if (this.ephemeral) this.chunks = this.chunks.map((c) => Buffer.from(c));
+    // Only what is left of this push's buffer needs a copy (earlier leftovers are copies already).
+    if (this.ephemeral) this.chunks = this.chunks.map((c) => (c.buffer === data.buffer ? Buffer.from(c) : c));
     return out;
   }
 
