@@ -269,7 +269,6 @@ function lostWhileDisarmed(view: ClusterView): boolean {
   return !f.armed || (f.armedAtMs !== undefined && view.nowMs < f.armedAtMs + 2 * view.timings.leaseTtlMs);
 }
 
-/** Two-node clusters: delay fencing a node that runs higher-priority work than ours. */
 /**
  * After a store outage the store itself may drop the leases that ran out meanwhile (an etcd
  * leader that lost quorum revokes them when it resumes), though their nodes, vouched for by
@@ -281,6 +280,7 @@ export function storeReturnGraceMs(t: Timings): number {
   return 2 * t.renewIntervalMs;
 }
 
+/** Two-node clusters: delay fencing a node that runs higher-priority work than ours. */
 function twoNodeFenceDelayMs(view: ClusterView, node: string): number {
   if (view.nodes.size !== 2 || node === view.self) return 0;
   const top = (n: string): number => {
