@@ -441,3 +441,15 @@ test('CLI: validate, show, migrate exit codes and output', async (t) => {
     /cluster.yaml:\d+:\d+ network.authKey.env: environment variable CORRAL_TEST_CLI_KEY is empty;/,
   );
 });
+
+test('corral agent refuses a bad --nice before touching anything', async () => {
+  const bad = await pooled(
+    ['99', 'fast', '-21', '1.5'].map(
+      (n) => () => corral(['agent', '--config', 'examples/cluster.yaml', '--node', 'node1', `--nice=${n}`]),
+    ),
+  );
+  for (const [i, r] of bad.entries()) {
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /--nice .*: expected a whole number from -20 to 19\nhint: /, `case ${i}`);
+  }
+});
