@@ -7,7 +7,7 @@
 // target QEMU already up) and from the start of the target QEMU (which any migration needs
 // and Corral's figure includes); the target budget (20% or 300 ms) is judged against the
 // latter, Corral's orchestration overhead.
-// Usage: npx tsx bench/migration.ts [--sizes 64,256,1024] [--runs 3] [--drain 10] [--help]
+// Usage: npx tsx bench/migration.ts [--sizes 64,256,1024] [--runs 3] [--drain 10] [--timeline] [--help]
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -26,7 +26,8 @@ if (process.argv.includes('--help')) {
     'usage: npx tsx bench/migration.ts [--sizes 64,256,1024|none] [--runs 3] [--drain 10]\n' +
       '  --sizes  idle VM sizes in MiB to migrate (none: only the drain comparison)\n' +
       '  --runs   migrations per size (the median is reported)\n' +
-      '  --drain  VMs in the drain comparison (0: none)',
+      '  --drain  VMs in the drain comparison (0: none)\n' +
+      '  --timeline  print when each store record of a Corral migration changed (ms from the request)',
   );
   process.exit(0);
 }
@@ -41,6 +42,7 @@ const sizes = arg('--sizes', '64,256,1024')
   .map(Number);
 const runs = Number(arg('--runs', '3'));
 const drainCount = Number(arg('--drain', '10'));
+const timeline = process.argv.includes('--timeline');
 /** bound on any single wait in this benchmark */
 const WAIT_MS = 300_000;
 const POLL_MS = 10;
@@ -100,10 +102,32 @@ async function main(): Promise<void> {
         await put(vmSpec(id, mib, 'n1'));
         await until(`${id} on n1`, () => on(id, 'n1'));
         await sleep(300);
-        const t0 = performance.now();
+        const steps: string[] = [];
+        let t0 = performance.now();
+        const watcher = timeline
+          ? await c.store.watch(c.k.prefix, {
+              onEvents: (evs) => {
+                const at = (performance.now() - t0).toFixed(0).padStart(6);
+                for (const ev of evs) {
+                  const k = ev.kv.key;
+                  if (k !== c.k.assign(id) && !(k.startsWith(c.k.statuses) && k.endsWith(`/${id}`))) continue;
+                  const v = ev.kv.value ? (JSON.parse(ev.kv.value) as Record<string, unknown>) : {};
+                  const m = v.migration as { phase?: string } | undefined;
+                  const who = k === c.k.assign(id) ? 'assign' : k.slice(c.k.statuses.length).split('/')[0];
+                  steps.push(
+                    `${at} ${who} ${String(v.state)}${m ? `/${m.phase}` : ''} ${String(v.reason ?? '')}`,
+                  );
+                }
+              },
+              onError: () => undefined,
+            })
+          : undefined;
+        t0 = performance.now();
         await put(vmSpec(id, mib, 'n2'));
         await until(`${id} on n2`, () => on(id, 'n2'));
         corral.push(performance.now() - t0);
+        await watcher?.cancel();
+        if (timeline) console.log(`${id}:\n${steps.join('\n')}`);
         const st = await c.store.get(c.k.status('n1', id));
         const p = st ? (JSON.parse(st.value) as AgentStatus).progress : undefined;
         if (p?.downtimeMs !== undefined) downC.push(p.downtimeMs);
@@ -221,6 +245,8 @@ async function bareMigration(
     'max-bandwidth': MIGRATE_MAX_BANDWIDTH_BPS,
     'downtime-limit': MIGRATE_DOWNTIME_LIMIT_MS,
   });
+  // the same capabilities as Corral's source (MIGRATION events on)
+  await qs.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   await qs.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   let downtimeMs: number;
   for (;;) {

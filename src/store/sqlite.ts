@@ -7,7 +7,9 @@
 // - every write is also appended to the `log` table, which is the watch history: each open
 //   store instance polls it (cheap `SELECT revision FROM meta` first) and delivers events
 //   per revision, strictly in order, to its watchers; writes from this process nudge the
-//   pollers of every instance on the same file at once;
+//   pollers of every instance on the same file at once; after each write transaction a process
+//   also writes one byte to `<file>-notify`, which instances with watchers watch (inotify), so
+//   another process's write wakes them at once and the poll is only the fallback;
 // - leases carry wall-clock deadlines (Date.now() ms; every process on the host shares the
 //   clock); every open instance runs a sweeper that revokes expired leases (deleting their keys
 //   as delete events), so a lease expires even when the process that owned it died. Expired
@@ -28,7 +30,16 @@
 // `:memory:` opens a private in-memory store (one instance, one process): for unit tests and
 // the simulator. It cannot be shared, not even with another instance in the same process.
 import Database from 'better-sqlite3';
-import { existsSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  existsSync,
+  openSync,
+  statSync,
+  watch,
+  writeSync,
+  type FSWatcher,
+} from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { invariant } from '../core/errors.js';
 import {
@@ -57,7 +68,7 @@ export const writeGapMs = 2;
 export const busyRetryDelayMsMax = 4;
 /** how often each open instance revokes expired leases (and checks auto-compaction) */
 export const leaseSweepIntervalMs = 200;
-/** how often watchers poll the log for writes made by other processes */
+/** how often watchers poll the log for writes made by other processes (a fallback: `<file>-notify` wakes them at once) */
 export const watchPollIntervalMs = 20;
 /** a watcher reads at most this many revisions per poll; the rest follows on the next turn */
 export const watchRevisionsPerPollMax = 1000;
@@ -268,6 +279,12 @@ function checkBranch(where: string, ops: TxnOp[]): void {
 
 type LeaseOutcome<T> = { ok: true; value: T } | { ok: false };
 
+/** the file a store's writers touch after each commit so other processes' watchers wake at once */
+export function notifyPath(storePath: string): string {
+  return `${storePath}-notify`;
+}
+const notifyByte = Buffer.from([0]);
+
 /** instances per file in this process, so a local write wakes every local watcher at once */
 const instancesByFile = new Map<string, Set<SqliteStore>>();
 let memoryStoresOpened = 0;
@@ -282,6 +299,9 @@ export class SqliteStore implements Store {
   private sweepTimer: NodeJS.Timeout | undefined;
   private pollTimer: NodeJS.Timeout | undefined;
   private pollScheduled = false;
+  /** `<file>-notify`: written after each commit, watched while there are watchers (undefined: poll only) */
+  private notifyFd: number | undefined;
+  private notifyWatch: FSWatcher | undefined;
   private readonly st: ReturnType<typeof prepareStatements>;
 
   constructor(
@@ -300,6 +320,12 @@ export class SqliteStore implements Store {
     set.add(this);
     this.sweepTimer = setInterval(() => this.sweepTick(), leaseSweepIntervalMs);
     this.sweepTimer.unref();
+    if (path !== ':memory:')
+      try {
+        this.notifyFd = openSync(notifyPath(path), constants.O_RDWR | constants.O_CREAT, 0o644);
+      } catch {
+        // not writable by this user (a read-only CLI, say): the others still see our writes by polling
+      }
   }
 
   // ---- plumbing ---------------------------------------------------------------------------
@@ -409,6 +435,7 @@ export class SqliteStore implements Store {
       })
       .immediate();
     this.nudgeWatchers();
+    this.notifyOthers();
     return result;
   }
 
@@ -730,12 +757,35 @@ export class SqliteStore implements Store {
   private ensurePolling(): void {
     if (this.pollTimer) return;
     this.pollTimer = setInterval(() => this.poll(), watchPollIntervalMs);
+    if (this.path !== ':memory:' && !this.notifyWatch)
+      try {
+        const w = watch(notifyPath(this.path), { persistent: false }, () => this.schedulePoll());
+        w.on('error', () => {
+          w.close();
+          if (this.notifyWatch === w) this.notifyWatch = undefined; // polling goes on
+        });
+        this.notifyWatch = w;
+      } catch {
+        // no notify file (no writer could create it), no inotify, or its limit reached: polling alone
+      }
   }
 
   private stopPollingIfIdle(): void {
     if (this.watchers.size === 0 && this.pollTimer) {
       clearInterval(this.pollTimer);
       this.pollTimer = undefined;
+      this.notifyWatch?.close();
+      this.notifyWatch = undefined;
+    }
+  }
+
+  /** wake the watchers of other processes: one byte written to `<file>-notify` (inotify IN_MODIFY) */
+  private notifyOthers(): void {
+    if (this.notifyFd === undefined) return;
+    try {
+      writeSync(this.notifyFd, notifyByte, 0, 1, 0);
+    } catch {
+      // best effort: the others poll anyway
     }
   }
 
@@ -883,6 +933,15 @@ export class SqliteStore implements Store {
     this.sweepTimer = undefined;
     if (this.pollTimer) clearInterval(this.pollTimer);
     this.pollTimer = undefined;
+    this.notifyWatch?.close();
+    this.notifyWatch = undefined;
+    if (this.notifyFd !== undefined)
+      try {
+        closeSync(this.notifyFd);
+      } catch {
+        // already closed
+      }
+    this.notifyFd = undefined;
     const set = instancesByFile.get(this.fileKey);
     set?.delete(this);
     if (set?.size === 0) instancesByFile.delete(this.fileKey);
