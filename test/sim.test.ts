@@ -20,6 +20,8 @@ const files = readdirSync(dir)
 /** CI bound from issue 4: scenarios + >= 2000 seeds in under 3 minutes on 2 cores */
 const fuzzSeeds = Number(process.env.CORRAL_SIM_SEEDS ?? 2000);
 const fuzzTimeoutMs = 170_000;
+/** seeds of the sweep with a heartbeat disk (sbd device, disk loss, lease-revoking store outages) */
+const diskFuzzSeeds = Number(process.env.CORRAL_SIM_DISK_SEEDS ?? 300);
 
 describe('sim scenarios', () => {
   it(`at least 40 scenarios`, () => {
@@ -51,6 +53,7 @@ describe('sim determinism', () => {
         'flapping-node.scn',
         'leader-crash-during-fencing.scn',
         'freeze-watchdog-no-device.scn',
+        'disk-cut-from-store.scn',
       ]) {
         const path = join(dir, f);
         const scn = parseScenario(readFileSync(path, 'utf8'), f, path);
@@ -64,16 +67,26 @@ describe('sim determinism', () => {
         const s1 = formatLog((await runScenario(fuzzScenario(seed))).log);
         const s2 = formatLog((await runScenario(fuzzScenario(seed), { drain: 'immediate' })).log);
         assert.equal(s1, s2, `fuzz seed ${seed} is not deterministic`);
+        const d1 = formatLog((await runScenario(fuzzScenario(seed, { disk: true }))).log);
+        const d2 = formatLog(
+          (await runScenario(fuzzScenario(seed, { disk: true }), { drain: 'immediate' })).log,
+        );
+        assert.equal(d1, d2, `fuzz seed ${seed} with a disk is not deterministic`);
       }
     },
   );
 
   it('a fuzz scenario survives format -> parse unchanged', () => {
     for (const seed of [1, 2, 99]) {
-      const s = fuzzScenario(seed);
-      const again = parseScenarioText(formatScenario(s), s.name);
-      assert.equal(formatScenario(again), formatScenario(s));
+      for (const s of [fuzzScenario(seed), fuzzScenario(seed, { disk: true })]) {
+        const again = parseScenarioText(formatScenario(s), s.name);
+        assert.equal(formatScenario(again), formatScenario(s));
+      }
     }
+    assert.match(
+      formatScenario(fuzzScenario(1, { disk: true })),
+      /^disk interval=1s msgwait=6s timeout=10s$/m,
+    );
   });
 });
 
@@ -137,6 +150,18 @@ describe('sim scenario parser', () => {
     bad('resource web', /no node defined/);
     bad('node node1\nexpect web flying', /file\.scn:2: cannot parse expectation/);
     bad('node node1\nat 50s power node1 off\nend 10s', /after the end/);
+    bad(
+      'node node1\nat 5s disk node1 lost',
+      /file\.scn:2: "disk node1 lost" but the scenario has no heartbeat disk/,
+    );
+    bad(
+      'node node1\ndisk msgwait=1s',
+      /file\.scn:2: msgwait 1000 ms is less than timings noDeviceFenceMarginMs/,
+    );
+    bad('node node1\ndisk msgwait=12s', /file\.scn:2: msgwait 12000 ms must be less than timeout 10000 ms/);
+    bad('node node1\ndisk colour=red', /file\.scn:2: unknown disk option "colour"/);
+    bad('node node1\ndisk\nat 5s disk node1 gone', /file\.scn:3: cannot parse command/);
+    bad('node node1\nat 5s store up later', /file\.scn:2: cannot parse command/);
   });
   it('accepts the JSON form with the same steps', async () => {
     const json = JSON.stringify({
@@ -171,6 +196,21 @@ describe('sim fuzz', () => {
       process.stdout.write(
         `# sim fuzz: ${fuzzSeeds} seeds in ${wallS.toFixed(1)} s = ${(fuzzSeeds / wallS).toFixed(1)} seeds/s, ${(simMs / 1000 / wallS).toFixed(0)} simulated s per wall s\n`,
       );
+      assert.deepEqual(failures, []);
+    },
+  );
+  it(
+    `${diskFuzzSeeds} seeds with a heartbeat disk (sbd, disk loss, lease-revoking store outages): no invariant violation, every run converges`,
+    { timeout: fuzzTimeoutMs },
+    async () => {
+      const seeds = Array.from({ length: diskFuzzSeeds }, (_, i) => 1 + i);
+      const failures: string[] = [];
+      await runFuzzSeeds(seeds, { disk: true }, 2, (r) => {
+        if (!r.ok)
+          failures.push(
+            `seed ${r.seed}: ${r.problem ?? ''} (reproduce: corral sim fuzz --disk --seeds 1 --seed-start ${r.seed})`,
+          );
+      });
       assert.deepEqual(failures, []);
     },
   );

@@ -34,7 +34,16 @@ export interface FuzzOptions {
   nodes?: number;
   /** resource count; default random 1..5 */
   resources?: number;
+  /**
+   * a shared heartbeat disk (sbd device first on every node, every node with a watchdog, as
+   * SBD requires): the faults include losing the disk and a store outage that ends revoking
+   * the leases that expired meanwhile
+   */
+  disk?: boolean;
 }
+
+/** the fuzzer's disk: vouches for msgwait/2 = 3 s (more than 2 intervals, see vouchMsOf) */
+export const fuzzDiskLine = 'disk interval=1s msgwait=6s timeout=10s';
 
 export interface FuzzResult {
   seed: number;
@@ -59,8 +68,9 @@ export function fuzzScenario(seed: number, o: FuzzOptions = {}): Scenario {
       memory: 4096,
       labels: rng.chance(0.3) ? { zone: rng.pick(['a', 'b']) } : {},
       fence: fence.map((mode) => ({ mode, delayMs: rng.pick([500, 1000, 3000]) })),
-      // a node without a fence device needs its watchdog: a frozen or killed agent cannot self-fence
-      watchdog: fence.length === 0 || rng.chance(0.3),
+      // a node without a fence device needs its watchdog: a frozen or killed agent cannot self-fence;
+      // so does every node with sbd (a silent slot counts as fenced)
+      watchdog: fence.length === 0 || rng.chance(0.3) || o.disk === true,
       off: false,
     });
   }
@@ -90,12 +100,13 @@ export function fuzzScenario(seed: number, o: FuzzOptions = {}): Scenario {
     `seed ${seed}`,
   ];
   for (const n of nodes) lines.push(formatNode(n));
+  if (o.disk) lines.push(fuzzDiskLine);
   for (const r of resources) lines.push(formatResource(r));
   const faultCount = rng.int(1, 8);
   const cmds: { atMs: number; text: string }[] = [];
   for (let i = 0; i < faultCount; i++) {
     const atMs = rng.int(fuzzLimits.faultStartMs / 100, fuzzLimits.healMs / 100 - 10) * 100;
-    for (const c of randomFault(rng, nodes, resources))
+    for (const c of randomFault(rng, nodes, resources, o.disk === true))
       cmds.push({ atMs: Math.min(atMs + c.afterMs, fuzzLimits.healMs - 100), text: c.text });
   }
   cmds.sort((a, b) => a.atMs - b.atMs);
@@ -110,12 +121,36 @@ function randomFault(
   rng: Rng,
   nodes: NodeDef[],
   resources: ResourceDef[],
+  disk: boolean,
 ): { afterMs: number; text: string }[] {
   const n = rng.pick(nodes).name;
   const node = rng.chance(0.15) ? 'leader' : n;
   const r = rng.pick(resources).id;
   const back = () => rng.int(10, 120) * 100;
-  switch (rng.int(0, 17)) {
+  switch (rng.int(0, disk ? 20 : 17)) {
+    case 18:
+      return [
+        { afterMs: 0, text: `disk ${node} lost` },
+        ...(rng.chance(0.7) ? [{ afterMs: back(), text: `disk ${n} back` }] : []),
+      ];
+    case 19:
+      return [
+        { afterMs: 0, text: 'store down' },
+        { afterMs: rng.int(5, 150) * 100, text: 'store up revoke' },
+      ];
+    case 20: {
+      const backMs = back();
+      return [
+        { afterMs: 0, text: `disk ${n} lost` },
+        { afterMs: rng.int(0, 30) * 100, text: `network ${n} off` },
+        ...(rng.chance(0.7)
+          ? [
+              { afterMs: backMs, text: `disk ${n} back` },
+              { afterMs: backMs, text: `network ${n} on` },
+            ]
+          : []),
+      ];
+    }
     case 0:
       return [
         { afterMs: 0, text: `power ${node} off` },

@@ -10,10 +10,12 @@
 //   at 10s power node2 off
 //   expect web on node1 by 25s
 //   end 60s
+//   disk interval=1s msgwait=4s timeout=10s     (a shared heartbeat disk, an sbd device per node)
 import { z } from 'zod';
 import { CorralError } from '../core/errors.js';
 import { defaultTimings, nodeStates, type NodeState, type Timings } from '../core/types.js';
 import { resourceIdPattern } from '../core/spec.js';
+import { defaultDisk, type DiskDef } from './disk.js';
 
 export class ScenarioError extends CorralError {
   constructor(
@@ -73,7 +75,10 @@ export type Command =
   | { type: 'freeze'; node: string }
   | { type: 'thaw'; node: string }
   | { type: 'maintenance'; node: string; on: boolean }
-  | { type: 'store'; mode: 'down' | 'up' }
+  /** up with revoke: the store comes back revoking every lease that expired meanwhile (etcd's paused leader resuming) */
+  | { type: 'store'; mode: 'down' | 'up'; revoke?: boolean }
+  /** the node loses (or gets back) its path to the heartbeat disk */
+  | { type: 'disk'; node: string; lost: boolean }
   | { type: 'store-slow'; ms: number }
   | { type: 'fence'; node: string; mode: FenceMode; delayMs?: number }
   | { type: 'resource-add'; def: ResourceDef }
@@ -90,6 +95,8 @@ export type Expect =
   | { type: 'on'; id: string; node: string | 'any'; negate: boolean }
   | { type: 'state'; id: string; state: 'stopped' | 'failed'; reason?: string }
   | { type: 'deleted'; id: string }
+  /** started at this epoch, the record at the same epoch (nothing restarted or moved it since) */
+  | { type: 'epoch'; id: string; epoch: number }
   | { type: 'converged' }
   | { type: 'node'; node: string; state: NodeState }
   | { type: 'event'; what: 'fence-ok' | 'fence-failed' | 'self-fence'; node: string; negate: boolean }
@@ -115,6 +122,8 @@ export interface Scenario {
   steps: Step[];
   endMs: number;
   seed: number;
+  /** a shared heartbeat disk: every node writes a slot, an sbd device comes first in every node's fencing */
+  disk?: DiskDef;
 }
 
 export const scenarioLimits = {
@@ -332,6 +341,7 @@ const nodeVerbs = new Set([
   'freeze',
   'thaw',
   'maintenance',
+  'disk',
 ]);
 
 /** Parse the text after `at T`: a command. Node-first forms (`node1 maintenance on`) are accepted too. */
@@ -388,9 +398,13 @@ export function parseCommand(text: string, c: Ctx, known: { nodes: Set<string> }
     case 'maintenance':
       return { type: 'maintenance', node: node(a), on: onOff(b) };
     case 'store':
-      if (a === 'down' || a === 'up') return { type: 'store', mode: a };
+      if (a === 'up' && b === 'revoke') return { type: 'store', mode: 'up', revoke: true };
+      if ((a === 'down' || a === 'up') && b === undefined) return { type: 'store', mode: a };
       if (a === 'slow') return { type: 'store-slow', ms: b ? parseDuration(b, w(c)) : 200 };
-      return bad('store down|up|slow [DURATION]');
+      return bad('store down|up [revoke]|slow [DURATION]');
+    case 'disk':
+      if (b !== 'lost' && b !== 'back') return bad('disk NODE lost|back');
+      return { type: 'disk', node: node(a), lost: b === 'lost' };
     case 'fence': {
       if (b !== 'ok' && b !== 'fail' && b !== 'timeout' && b !== 'delay')
         return bad('fence NODE ok|fail|timeout|delay DURATION');
@@ -445,7 +459,7 @@ export function parseCommand(text: string, c: Ctx, known: { nodes: Set<string> }
       return bad('cluster disarm|arm|halt [force]|form [no-apps]');
     default:
       return bad(
-        'commands: power, network, delay, reboot, shutdown, crash agent, crash leader, start agent, freeze, thaw, maintenance, store, fence, resource, cluster, heal',
+        'commands: power, network, delay, reboot, shutdown, crash agent, crash leader, start agent, freeze, thaw, maintenance, store, disk, fence, resource, cluster, heal',
       );
   }
 }
@@ -506,6 +520,11 @@ export function parseExpect(
     return { exp: { type: 'on', id: a, node: node(rest[0]), negate: true }, byMs };
   if (b === 'running') return { exp: { type: 'on', id: a, node: 'any', negate: false }, byMs };
   if (b === 'deleted') return { exp: { type: 'deleted', id: a }, byMs };
+  if (b === 'epoch' && c2 !== undefined && rest.length === 0) {
+    const epoch = Number(c2);
+    if (!Number.isInteger(epoch) || epoch < 0) return bad(`expect ${a} epoch N [by T]`);
+    return { exp: { type: 'epoch', id: a, epoch }, byMs };
+  }
   if (b === 'stopped' || b === 'failed') {
     let reason: string | undefined;
     if (c2 === 'reason') reason = rest.join(' ');
@@ -513,7 +532,7 @@ export function parseExpect(
     return { exp: { type: 'state', id: a, state: b, reason }, byMs };
   }
   return bad(
-    'expect ID on NODE | not on NODE | running | stopped [reason TEXT] | failed [reason TEXT] [by T]',
+    'expect ID on NODE | not on NODE | running | epoch N | stopped [reason TEXT] | failed [reason TEXT] [by T]',
   );
 }
 
@@ -524,6 +543,8 @@ export function parseScenarioText(src: string, name: string, file = name): Scena
   let timings: Timings = { ...defaultTimings };
   let endMs: number | undefined;
   let seed = 1;
+  let disk: DiskDef | undefined;
+  let diskLine = 0;
   const raw: { ctx: Ctx; kind: 'at' | 'expect'; atMs?: number; text: string }[] = [];
   src.split('\n').forEach((lineText, i) => {
     const c: Ctx = { file, line: i + 1 };
@@ -557,15 +578,69 @@ export function parseScenarioText(src: string, name: string, file = name): Scena
       case 'end':
         endMs = parseDuration(rest[0] ?? '', w(c));
         return;
+      case 'disk':
+        disk = parseDisk(rest, c);
+        diskLine = c.line;
+        return;
       default:
         throw new ScenarioError(
           w(c),
           `unknown statement "${head}"`,
-          'statements: description, timings, seed, node, resource, at, expect, end',
+          'statements: description, timings, seed, node, resource, disk, at, expect, end',
         );
     }
   });
-  return finish(name, file, desc.join(' '), timings, nodes, resources, raw, endMs, seed);
+  const scn = finish(name, file, desc.join(' '), timings, nodes, resources, raw, endMs, seed);
+  if (disk) {
+    const c: Ctx = { file, line: diskLine };
+    // the rules `corral agent` and the fence config enforce for a real sbd device
+    if (disk.msgwaitMs < timings.noDeviceFenceMarginMs)
+      throw new ScenarioError(
+        w(c),
+        `msgwait ${disk.msgwaitMs} ms is less than timings noDeviceFenceMarginMs (${timings.noDeviceFenceMarginMs})`,
+        'a silent slot must prove at least what the self-fence deadline proves: raise msgwait',
+      );
+    if (!(disk.msgwaitMs < disk.timeoutMs))
+      throw new ScenarioError(
+        w(c),
+        `msgwait ${disk.msgwaitMs} ms must be less than timeout ${disk.timeoutMs} ms`,
+        'raise timeout or lower msgwait',
+      );
+    scn.disk = disk;
+  } else {
+    const s = scn.steps.find((st) => st.kind === 'command' && st.cmd.type === 'disk');
+    if (s)
+      throw new ScenarioError(
+        `${file}:${s.line}`,
+        `"${s.text}" but the scenario has no heartbeat disk`,
+        'add a line: disk [interval=1s] [msgwait=4s] [timeout=10s]',
+      );
+  }
+  return scn;
+}
+
+function parseDisk(tokens: string[], c: Ctx): DiskDef {
+  const { flags, kv } = kvArgs(tokens, c);
+  const d: DiskDef = { ...defaultDisk };
+  for (const [k, v] of kv) {
+    if (k === 'interval') d.intervalMs = parseDuration(v, w(c));
+    else if (k === 'msgwait') d.msgwaitMs = parseDuration(v, w(c));
+    else if (k === 'timeout') d.timeoutMs = parseDuration(v, w(c));
+    else throw new ScenarioError(w(c), `unknown disk option "${k}"`, 'options: interval, msgwait, timeout');
+  }
+  if (flags.size > 0)
+    throw new ScenarioError(
+      w(c),
+      `unknown disk flag "${[...flags][0]}"`,
+      'write: disk [interval=1s] [msgwait=4s] [timeout=10s]',
+    );
+  if (!(d.intervalMs > 0))
+    throw new ScenarioError(w(c), 'disk interval must be positive', 'e.g. interval=1s');
+  return d;
+}
+
+export function formatDisk(d: DiskDef): string {
+  return `disk interval=${formatDuration(d.intervalMs)} msgwait=${formatDuration(d.msgwaitMs)} timeout=${formatDuration(d.timeoutMs)}`;
 }
 
 function parseTimings(tokens: string[], c: Ctx, base: Timings): Timings {
@@ -674,6 +749,8 @@ const JsonScenario = z.strictObject({
   /** "at 10s power node2 off", "expect web on node1 by 25s" */
   steps: z.array(z.string()).default([]),
   end: z.string().optional(),
+  /** a shared heartbeat disk: its options as on the text line, e.g. "interval=1s msgwait=4s" ("" = defaults) */
+  disk: z.string().optional(),
 });
 export type JsonScenario = z.input<typeof JsonScenario>;
 
@@ -718,6 +795,7 @@ export function parseScenarioJson(src: string, name: string, file = name): Scena
     if (n.off) parts.push('off');
     lines.push(parts.join(' '));
   }
+  if (j.disk !== undefined) lines.push(`disk ${j.disk}`);
   for (const r of j.resources) lines.push(`resource ${r}`);
   for (const s of j.steps) lines.push(s);
   if (j.end) lines.push(`end ${j.end}`);
@@ -738,6 +816,7 @@ export function formatScenario(s: Scenario): string {
   const t = Object.entries(s.timings).filter(([k, v]) => defaultTimings[k as keyof Timings] !== v);
   if (t.length) lines.push(`timings ${t.map(([k, v]) => `${k}=${v}`).join(' ')}`);
   for (const n of s.nodes) lines.push(formatNode(n));
+  if (s.disk) lines.push(formatDisk(s.disk));
   for (const r of s.resources) lines.push(formatResource(r));
   for (const st of s.steps) {
     if (st.kind === 'command') lines.push(`at ${formatDuration(st.atMs)} ${st.text}`);

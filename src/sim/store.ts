@@ -344,6 +344,23 @@ export class SimStoreCore {
     }
   }
 
+  /**
+   * The store comes back after being down and revokes every lease whose TTL ran out meanwhile
+   * (an etcd leader that was paused, without quorum, resumes and expires what it owes); the
+   * others keep their deadline. Returns the revoked lease ids.
+   */
+  revokeExpiredLeases(): number[] {
+    const now = this.sched.nowMs();
+    const out: number[] = [];
+    for (const l of [...this.leases.values()].sort((a, b) => a.id - b.id)) {
+      if (l.expiresAtMs <= now) {
+        out.push(l.id);
+        this.dropLease(l);
+      } else this.armExpiry(l);
+    }
+    return out;
+  }
+
   private armExpiry(l: Lease): void {
     l.cancelExpiry?.();
     l.cancelExpiry = this.sched.at(l.expiresAtMs, () => {

@@ -29,6 +29,7 @@ import { EventQueue, Owner, drainMicrotasks, type DrainMode } from './queue.js';
 import { SimStoreClient, SimStoreCore, type Link } from './store.js';
 import type { Command, Expect, NodeDef, ResourceDef, Scenario } from './scenario.js';
 import { formatEntry, type LogEntry } from './log.js';
+import { SimDisk, SimDiskMonitor, fenceSbdSim, vouchMsOf } from './disk.js';
 
 export const simCluster = 'sim';
 
@@ -145,10 +146,19 @@ export class World {
   /** after `heal`: a repair crew powers nodes back on and keeps agents running */
   healing = false;
   drain: DrainMode = 'micro';
+  /** the shared heartbeat disk, when the scenario has one */
+  readonly disk: SimDisk | undefined;
 
   constructor(readonly scn: Scenario) {
     this.rng = makeRng(scn.seed);
     for (const d of scn.nodes) this.nodes.set(d.name, new SimNode(d));
+    this.disk = scn.disk
+      ? new SimDisk(
+          scn.disk,
+          this.q,
+          scn.nodes.map((d) => d.name),
+        )
+      : undefined;
     this.operator = new SimStoreClient(this.core, {
       opTimeoutMs: worldLimits.storeOpTimeoutMs,
       url: 'sim:operator',
@@ -381,9 +391,26 @@ export class World {
     };
     const driver = new SimDriverView(this, n, owner);
     const fencer: Fencer = {
-      deviceCount: (node) => this.nodes.get(node)?.def.fence.length ?? 0,
-      fence: (node, deadlineMs) => this.fence(owner, node, deadlineMs),
+      deviceCount: (node) => (this.nodes.get(node)?.def.fence.length ?? 0) + (this.disk ? 1 : 0),
+      fence: (node, deadlineMs) => this.fence(owner, node, deadlineMs, n.name),
     };
+    const disk = this.disk;
+    const monitors = disk
+      ? [
+          new SimDiskMonitor({
+            disk,
+            node: n.name,
+            owner,
+            nowMs: env.nowMs,
+            setTimer: env.setTimer,
+            log: (level, msg) => env.log(level, msg),
+            note: (state, reason) => {
+              if (owner.state !== 'dead') this.entry({ type: 'hw', node: n.name, state, reason });
+            },
+            vouchMs: vouchMsOf(disk.def),
+          }),
+        ]
+      : undefined;
     const watchdog: Watchdog | undefined = n.def.watchdog
       ? {
           feed: (allowMs) => owner.state === 'live' && this.feedWatchdog(n, allowMs),
@@ -401,6 +428,7 @@ export class World {
       driver,
       fencer,
       watchdog,
+      ...(monitors ? { monitors } : {}),
       cluster: simCluster,
       node: n.name,
       address: n.name,
@@ -611,20 +639,48 @@ export class World {
 
   // ------------------------------------------------------------------ fencing
 
-  fence(owner: Owner, target: string, deadlineMs: number): Promise<FenceOutcome> {
+  fence(owner: Owner, target: string, deadlineMs: number, from: string): Promise<FenceOutcome> {
     return new Promise((resolve) => {
       const n = this.nodes.get(target);
       const startMs = this.q.nowMs();
       const attempts: { device: string; error: string }[] = [];
       const done = (out: FenceOutcome) => this.q.deliver(owner, () => resolve(out));
       const devices = n?.def.fence ?? [];
+      const disk = this.disk;
+      // with a heartbeat disk, the sbd device comes first (the poison pill), then the node's own
+      const first = disk ? 1 : 0;
       const tryDevice = (i: number): void => {
-        const d = devices[i];
+        if (disk && i === 0 && n && this.q.nowMs() < deadlineMs) {
+          const shareMs = Math.floor((deadlineMs - this.q.nowMs()) / (devices.length + 1));
+          this.entry({
+            type: 'hw',
+            node: target,
+            state: 'poison-pill',
+            reason: `sbd: pill written by ${from}`,
+          });
+          void fenceSbdSim({
+            disk,
+            q: this.q,
+            from,
+            target,
+            timeoutMs: Math.min(disk.def.timeoutMs, shareMs),
+          }).then((r) => {
+            if (r.ok) {
+              this.entry({ type: 'hw', node: target, state: 'fenced', reason: `sbd: ${r.how}` });
+              return done({ ok: true, device: 'sbd', durationMs: this.q.nowMs() - startMs });
+            }
+            this.entry({ type: 'hw', node: target, state: 'fence-device-failed', reason: `sbd: ${r.error}` });
+            attempts.push({ device: 'sbd', error: r.error });
+            tryDevice(1);
+          });
+          return;
+        }
+        const d = devices[i - first];
         if (!n || !d || this.q.nowMs() >= deadlineMs)
           return done({ ok: false, attempts, durationMs: this.q.nowMs() - startMs });
-        const device = `dev${i + 1}`;
+        const device = `dev${i - first + 1}`;
         // each device gets an equal share of what is left before the deadline
-        const shareMs = Math.floor((deadlineMs - this.q.nowMs()) / (devices.length - i));
+        const shareMs = Math.floor((deadlineMs - this.q.nowMs()) / (devices.length + first - i));
         const endMs = this.q.nowMs() + (d.mode === 'timeout' ? shareMs : Math.min(shareMs, d.delayMs));
         this.q.at(endMs, () => {
           if (d.mode === 'ok' && d.delayMs <= shareMs) {
@@ -742,10 +798,24 @@ export class World {
         if (cmd.mode === 'down') this.core.down = true;
         else if (this.core.down) {
           this.core.down = false;
-          this.core.refreshLeases();
+          if (cmd.revoke) {
+            const ids = this.core.revokeExpiredLeases();
+            this.entry({
+              type: 'hw',
+              state: 'leases-revoked',
+              reason: `the store revoked ${ids.length} lease(s) that expired while it was down`,
+            });
+          } else this.core.refreshLeases();
           for (const n of this.nodes.values()) n.agent?.store.resumeWatches();
         }
         return;
+      case 'disk': {
+        const n = needNode(cmd.node);
+        if (!n || !this.disk) return;
+        if (cmd.lost) this.disk.lost.add(n.name);
+        else this.disk.lost.delete(n.name);
+        return;
+      }
       case 'store-slow':
         this.storeSlowMs = cmd.ms;
         return;
@@ -811,6 +881,7 @@ export class World {
   private heal(): void {
     this.healing = true;
     this.storeSlowMs = 0;
+    this.disk?.lost.clear();
     if (this.core.down) this.command({ type: 'store', mode: 'up' }, 'store up');
     for (const f of this.faults.values()) {
       f.startFails = 0;
@@ -925,6 +996,18 @@ export class World {
           ];
         const problems = this.convergenceProblems();
         return [problems.length === 0, problems.join('; ') || 'converged'];
+      }
+      case 'epoch': {
+        const r = this.assign.get(exp.id);
+        const procs = this.runningOn(exp.id);
+        return [
+          r?.epoch === exp.epoch &&
+            r.state === 'started' &&
+            procs.length === 1 &&
+            procs[0]?.epoch === exp.epoch &&
+            procs[0]?.state === 'started',
+          `record ${r ? `${r.state} epoch ${r.epoch}` : 'missing'}; process ${procs.map((p) => `${p.node}:${p.state}@${p.epoch}`).join(',') || 'nowhere'}`,
+        ];
       }
       case 'deleted': {
         const r = this.assign.get(exp.id);

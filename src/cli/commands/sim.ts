@@ -122,6 +122,10 @@ export function registerSim(program: Command): void {
     .option('--seed-start <n>', 'first seed', '1')
     .option('--nodes <n>', 'nodes per cluster (default: random 2..4)')
     .option('--resources <n>', 'resources per cluster (default: random 1..5)')
+    .option(
+      '--disk',
+      'a shared heartbeat disk with an sbd device per node; adds disk loss and lease-revoking store outages to the faults',
+    )
     .option('--jobs <n>', 'worker threads', '1')
     .option('--out <dir>', 'where reproduction scenarios are written', 'sim/repro')
     .action(
@@ -131,6 +135,7 @@ export function registerSim(program: Command): void {
           seedStart: string;
           nodes?: string;
           resources?: string;
+          disk?: boolean;
           jobs: string;
           out: string;
         }) => {
@@ -140,6 +145,7 @@ export function registerSim(program: Command): void {
           const opts: FuzzOptions = {};
           if (o.nodes !== undefined) opts.nodes = intOption(o.nodes, '--nodes', 1, 1000);
           if (o.resources !== undefined) opts.resources = intOption(o.resources, '--resources', 1, 5000);
+          if (o.disk) opts.disk = true;
           const seeds = Array.from({ length: count }, (_, i) => start + i);
           const failures: { seed: number; problem: string }[] = [];
           const t0 = performance.now();
