@@ -8,9 +8,11 @@
 // times, whatever the answers, so a slow answer never delays the next request).
 // Usage: npx tsx bench/api.ts [--services 50] [--concurrency 8] [--rest-ms 5000] [--rate 100]
 //        [--rest-think-ms 0] [--lease-ms 4000] [--served-by both|api|agent] [--cpu-prof DIR]
-//        [--client-nice -10] [--api-nice 0]
-//        --api-nice N: start the `corral api` processes under `nice -n N` (as an operator may run it;
-//          agents set their own priority)
+//        [--client-nice -10] [--api-nice 0] [--burn 0]
+//        --burn N: N busy-loop processes at nice 0 through the measured phases: other work on the
+//          host, the same in every run (counted as other work in the machine lines)
+//        --api-nice N: `corral api --nice N` (default: its own default, -10); the --compare
+//          checkout, which may not know --nice, is started under `nice -n N` instead
 //        --client-nice N: the load generator's thread runs at this priority (needs root or
 //          CAP_SYS_NICE; printed, with the reason when refused) so the instrument does not queue
 //          for a CPU behind the cluster it measures; its own delays are printed per phase
@@ -65,10 +67,15 @@ if (!['both', 'api', 'agent'].includes(servedBy))
 const clientNice = Number(arg('--client-nice', '-10'));
 if (!Number.isInteger(clientNice) || clientNice < -20 || clientNice > 19)
   throw new Error(`--client-nice: expected a whole number from -20 to 19, got ${arg('--client-nice', '')}`);
-/** `corral api` processes run under nice -n apiNice */
-const apiNice = Number(arg('--api-nice', '0'));
-if (!Number.isInteger(apiNice) || apiNice < -20 || apiNice > 19)
+/** `corral api --nice apiNice` (the checkout of --compare: under nice -n apiNice); '' its default */
+const apiNiceArg = arg('--api-nice', '');
+const apiNice = Number(apiNiceArg);
+if (apiNiceArg !== '' && (!Number.isInteger(apiNice) || apiNice < -20 || apiNice > 19))
   throw new Error(`--api-nice: expected a whole number from -20 to 19, got ${arg('--api-nice', '')}`);
+/** busy-loop processes beside the cluster during the measured phases */
+const burn = Number(arg('--burn', '0'));
+if (!Number.isInteger(burn) || burn < 0 || burn > 16)
+  throw new Error(`--burn: expected 0-16 busy processes, got ${arg('--burn', '')}`);
 /** node --cpu-prof for the API and agent processes: profiles go to this directory on exit */
 const cpuProfDir = arg('--cpu-prof', '');
 const profFlags = cpuProfDir ? ['--cpu-prof', '--cpu-prof-dir', resolve(cpuProfDir)] : [];
@@ -453,6 +460,7 @@ async function main(): Promise<void> {
       : []),
   ];
   const apis: ChildProcess[] = [];
+  const burners: ChildProcess[] = [];
   try {
     await c.start();
     for (let i = 0; i < services; i++)
@@ -499,9 +507,12 @@ async function main(): Promise<void> {
           c.stateRoot,
         ];
         // nice(1) execs node in place: the pid is the API process's
-        const p = apiNice
-          ? spawn('nice', ['-n', String(apiNice), ...argv], { stdio: 'ignore' })
-          : spawn(argv[0]!, argv.slice(1), { stdio: 'ignore' });
+        const thisTree = sv.bin === corralBin;
+        if (thisTree && apiNiceArg !== '') argv.push('--nice', apiNiceArg);
+        const p =
+          !thisTree && apiNiceArg !== ''
+            ? spawn('nice', ['-n', apiNiceArg, ...argv], { stdio: 'ignore' })
+            : spawn(argv[0]!, argv.slice(1), { stdio: 'ignore' });
         apis.push(p);
         sv.pid = p.pid;
       } else sv.pid = c.agentPid(apiNode);
@@ -521,6 +532,8 @@ async function main(): Promise<void> {
     const pids = servers.map((sv) => sv.pid);
     const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
     const agentPids = ['n1', 'n2', 'n3'].map((n) => c.agentPid(n));
+    for (let i = 0; i < burn; i++)
+      burners.push(spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' }));
     const clusterPids = () => [process.pid, ...agentPids, ...apis.map((a) => a.pid)];
     const capacity = await measured(pids, ports, clusterPids, () =>
       load(ports, token, sleep(restMs), { rateHz: 0, thinkMs: restThinkMs }),
@@ -584,6 +597,7 @@ async function main(): Promise<void> {
         { rateHz },
       ),
     );
+    for (const b of burners) b.kill('SIGKILL');
     const leaderAfter = (await c.snapshot()).leader?.node ?? 'none';
     const w = [44, 8, 7, 7, 7, 7, 6, 8, 8, 13, 12];
     const line = (cells: string[]) =>
@@ -606,7 +620,7 @@ async function main(): Promise<void> {
       ]);
     };
     process.stdout.write(
-      `\nbench/api: GET /api/v1/status from a worker thread, keep-alive; requests/s: ${concurrency} clients back to back${restThinkMs ? ` (pausing ${restThinkMs} ms)` : ''}${servers.length > 1 ? `, split between ${servers.length} API servers` : ''}; latency: ${rateHz} requests/s to each server at fixed times; ${cpus().length} cores, load average ${loadavg()[0]!.toFixed(1)}, store sqlite, ${services} services, leader after the failover: ${leaderAfter}, corral ${compiled ? 'compiled (dist/)' : 'from sources through tsx (dist/ is older than src/)'}\n\n`,
+      `\nbench/api: GET /api/v1/status from a worker thread, keep-alive; requests/s: ${concurrency} clients back to back${restThinkMs ? ` (pausing ${restThinkMs} ms)` : ''}${servers.length > 1 ? `, split between ${servers.length} API servers` : ''}; latency: ${rateHz} requests/s to each server at fixed times; ${cpus().length} cores, load average ${loadavg()[0]!.toFixed(1)}, store sqlite, ${services} services,${burn ? ` ${burn} busy-loop processes beside it (--burn),` : ''} leader after the failover: ${leaderAfter}, corral ${compiled ? 'compiled (dist/)' : 'from sources through tsx (dist/ is older than src/)'}\n\n`,
     );
     process.stdout.write(
       line([
@@ -664,6 +678,7 @@ async function main(): Promise<void> {
       );
     });
   } finally {
+    for (const b of burners) b.kill('SIGKILL');
     // wait for the API processes to close (with --cpu-prof they write their profiles then)
     await Promise.all(
       apis.map(

@@ -15,6 +15,7 @@ import { startApi, type ApiServer } from '../src/api/server.js';
 import { createToken, revokeToken, tokenCacheMs } from '../src/api/auth.js';
 import { startApiThread, ApiThreadError } from '../src/api/thread.js';
 import { keys } from '../src/core/keys.js';
+import { corralBin } from './helpers/cluster.js';
 import type { ClusterEvent } from '../src/core/types.js';
 
 const configYaml = (extra = '') => `version: 1
@@ -491,5 +492,19 @@ describe('REST API', { timeout: 60_000 }, () => {
       await th.close();
     }
     await assert.rejects(fetch(`${th.url}/api/v1/health`), 'the thread closed its server');
+  });
+
+  it('corral api refuses a bad --nice with a usage error naming the flag', () => {
+    for (const bad of ['99', '-3.5', 'high']) {
+      const r = spawnSync(process.execPath, [corralBin, 'api', '--config', configPath, '--nice', bad], {
+        encoding: 'utf8',
+        timeout: 30_000,
+      });
+      assert.equal(r.status, 2, `--nice ${bad}: ${r.stderr}`);
+      assert.match(
+        r.stderr,
+        new RegExp(`--nice ${bad.replace('.', '\\.')}: expected a whole number from -20 to 19`),
+      );
+    }
   });
 });
