@@ -35,9 +35,9 @@ export interface FuzzOptions {
   /** resource count; default random 1..5 */
   resources?: number;
   /**
-   * a shared heartbeat disk (sbd device first on every node, every node with a watchdog, as
-   * SBD requires): the faults include losing the disk and a store outage that ends revoking
-   * the leases that expired meanwhile
+   * a shared heartbeat disk (sbd device first on every node): the faults include losing the
+   * disk and a store outage that ends revoking the leases that expired meanwhile; a node
+   * without a watchdog is never frozen nor its agent killed (a silent slot counts as fenced)
    */
   disk?: boolean;
 }
@@ -62,17 +62,20 @@ export function fuzzScenario(seed: number, o: FuzzOptions = {}): Scenario {
   const nodes: NodeDef[] = [];
   for (let i = 1; i <= nodeCount; i++) {
     const fence = rng.pick([['ok'], ['ok'], ['fail', 'ok'], ['timeout', 'ok'], []] as const);
-    nodes.push({
+    const node: NodeDef = {
       name: `node${i}`,
       cpus: rng.pick([2, 4, 8]),
       memory: 4096,
       labels: rng.chance(0.3) ? { zone: rng.pick(['a', 'b']) } : {},
       fence: fence.map((mode) => ({ mode, delayMs: rng.pick([500, 1000, 3000]) })),
-      // a node without a fence device needs its watchdog: a frozen or killed agent cannot self-fence;
-      // so does every node with sbd (a silent slot counts as fenced)
-      watchdog: fence.length === 0 || rng.chance(0.3) || o.disk === true,
+      // a node without a fence device needs its watchdog: a frozen or killed agent cannot self-fence
+      watchdog: fence.length === 0 || rng.chance(0.3),
       off: false,
-    });
+    };
+    // with sbd first, a silent slot counts as fenced: a node without a watchdog is then never
+    // frozen and its agent never killed (randomFault); half of them get one anyway
+    if (o.disk && !node.watchdog) node.watchdog = rng.chance(0.5);
+    nodes.push(node);
   }
   const resCount = o.resources ?? rng.int(1, 5);
   const resources: ResourceDef[] = [];
@@ -123,11 +126,18 @@ function randomFault(
   resources: ResourceDef[],
   disk: boolean,
 ): { afterMs: number; text: string }[] {
-  const n = rng.pick(nodes).name;
+  const picked = rng.pick(nodes);
+  const n = picked.name;
   const node = rng.chance(0.15) ? 'leader' : n;
   const r = rng.pick(resources).id;
   const back = () => rng.int(10, 120) * 100;
-  switch (rng.int(0, disk ? 20 : 17)) {
+  let kind = rng.int(0, disk ? 20 : 17);
+  // sbd without a watchdog: an agent frozen or killed (its processes alive) would pass as fenced
+  // once its slot is silent, as with real SBD; such nodes are only cut off, powered off, ...
+  if (disk && (kind === 4 || kind === 5) && !picked.watchdog) kind = 19;
+  // `crash agent leader` could hit a node without a watchdog: name the (checked) node instead
+  const target = disk && nodes.some((x) => !x.watchdog) ? n : node;
+  switch (kind) {
     case 18:
       return [
         { afterMs: 0, text: `disk ${node} lost` },
@@ -170,7 +180,7 @@ function randomFault(
       return [{ afterMs: 0, text: `reboot ${node}` }];
     case 4:
       return [
-        { afterMs: 0, text: `crash agent ${node}` },
+        { afterMs: 0, text: `crash agent ${target}` },
         ...(rng.chance(0.6) ? [{ afterMs: back(), text: `start agent ${n}` }] : []),
       ];
     case 5:
