@@ -172,8 +172,11 @@ export class Agent {
   }
 
   private isolated = false;
-  /** the kill of the latest self-fence (resolved once every resource is dead) */
-  private selfFenceKill: Promise<void> = Promise.resolve();
+  /**
+   * The kill of the current fenced spell (resolved once every resource is dead); undefined
+   * while not fenced, and while fenced without a kill (the lease was lost while disarmed).
+   */
+  private selfFenceKill: Promise<void> | undefined;
 
   private monitorContext(): NodeMonitorContext {
     const t = this.o.timings;
@@ -232,6 +235,7 @@ export class Agent {
   private async joinOnce(): Promise<void> {
     const env = this.o.env;
     this.phase = 'starting';
+    this.selfFenceKill = undefined;
     const sentMs = env.nowMs();
     const lease = await this.o.store.leaseGrant(this.o.timings.leaseTtlMs);
     this.incarnation = sentMs * 1000 + env.rng.int(0, 999);
@@ -421,35 +425,46 @@ export class Agent {
 
   /**
    * Kill everything at once: the lease is (or may be) gone, so the manager may recover our
-   * resources elsewhere. Disarmed clusters skip this (planned maintenance).
+   * resources elsewhere. Disarmed clusters skip this (planned maintenance). Resolves true once
+   * every resource is down by a kill of this fenced spell (now or earlier), false when nothing
+   * was killed: only then may a caller act on "self-fenced" (the poison-pill acknowledgement on
+   * the heartbeat disk is a fence record; acknowledging a kill that did not happen let a
+   * resource run twice: sim/scenarios/disk-pill-after-disarmed-loss.scn).
    */
-  async selfFence(why: string, leaseGone = false): Promise<void> {
-    // Already fenced: wait for the kill still under way, so a caller that acts on "self-fenced"
-    // (the poison-pill acknowledgement on the heartbeat disk) never acts before the kill ends.
-    if (this.phase === 'fenced') return this.selfFenceKill;
-    if (this.phase !== 'joined' && this.phase !== 'starting') return;
+  async selfFence(why: string, leaseGone = false): Promise<boolean> {
+    if (this.phase === 'fenced' && this.selfFenceKill) {
+      // already fenced: wait for the kill still under way
+      await this.selfFenceKill;
+      return true;
+    }
+    if (this.phase !== 'joined' && this.phase !== 'starting' && this.phase !== 'fenced') return false;
     const t = this.o.timings;
     if (!this.flags.armed) {
       // Disarmed (planned maintenance): resources keep running. A lost lease is taken
       // again without killing anything; a late renewal just keeps trying.
       this.o.env.log('warn', `not self-fencing (${why}): the cluster is disarmed`);
+      if (this.phase === 'fenced') return false; // gave the lease up already, killed nothing
       if (leaseGone) {
         this.phase = 'fenced';
+        this.selfFenceKill = undefined;
         this.lease = undefined;
         this.wakeRenew?.();
       } else {
         this.cancelSelfFence = this.o.env.setTimer(t.renewIntervalMs, () => void this.selfFence(why));
       }
-      return;
+      return false;
     }
+    // armed: from joined or starting, or fenced without a kill (the lease was lost while disarmed)
     this.phase = 'fenced';
     this.lease = undefined;
     this.cancelSelfFence?.();
     this.o.env.log('error', `self-fencing: ${why}`);
-    this.selfFenceKill = this.o.driver.killAll();
-    await this.selfFenceKill;
+    const kill = this.o.driver.killAll();
+    this.selfFenceKill = kill;
+    await kill;
     this.wakeRenew?.();
     void this.agentEvent('self-fenced', `${this.o.node} self-fenced: ${why}`).catch(() => undefined);
+    return true;
   }
 
   // ------------------------------------------------------------ reconciling

@@ -128,8 +128,11 @@ export interface NodeMonitor {
 
 export interface NodeMonitorContext {
   node: string;
-  /** kill every resource now and rejoin later (the agent's self-fence) */
-  selfFence(why: string): Promise<void>;
+  /**
+   * kill every resource now and rejoin later (the agent's self-fence); true once every resource
+   * is down by a kill, false when nothing was killed (cluster disarmed, agent stopping)
+   */
+  selfFence(why: string): Promise<boolean>;
   /** report the node isolated (or no longer) in its alive record */
   setIsolated(isolated: boolean, why: string): void;
   /** true while the lease was renewed within its renew interval (the store is reachable) */

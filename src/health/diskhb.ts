@@ -529,8 +529,8 @@ export class DiskHeartbeat implements NodeMonitor {
   private async obeyPill(mail: Mailbox): Promise<void> {
     const ctx = this.ctx!;
     this.o.env.log('error', `poison pill ${mail.pillSeq} from ${mail.from || '?'} in slot ${this.o.slot}`);
-    await ctx.selfFence(`poison pill from ${mail.from || 'a fencer'} on the heartbeat disk`);
-    if (ctx.joined()) {
+    const killed = await ctx.selfFence(`poison pill from ${mail.from || 'a fencer'} on the heartbeat disk`);
+    if (!killed) {
       // the self-fence did not happen (cluster disarmed): never acknowledge a kill that did not happen
       this.o.env.log('warn', 'poison pill not acknowledged: the agent did not self-fence (disarmed?)');
       return;

@@ -210,8 +210,8 @@ export class SimDiskMonitor implements NodeMonitor {
     const ctx = this.ctx!;
     this.o.log('error', `poison pill ${mail.pillSeq} from ${mail.from || '?'}`);
     this.o.note('poison-pill', `pill ${mail.pillSeq} from ${mail.from || '?'} read`);
-    await ctx.selfFence(`poison pill from ${mail.from || 'a fencer'} on the heartbeat disk`);
-    if (ctx.joined()) {
+    const killed = await ctx.selfFence(`poison pill from ${mail.from || 'a fencer'} on the heartbeat disk`);
+    if (!killed) {
       this.o.log('warn', 'poison pill not acknowledged: the agent did not self-fence (disarmed?)');
       this.o.note('pill-not-acknowledged', 'the agent did not self-fence (disarmed?)');
       return;
