@@ -52,6 +52,12 @@ export const agentLimits = {
   startsInFlightMax: 16,
   /** while a monitor vouches for the node past its lease deadline, look again this often */
   vouchRecheckMs: 100,
+  /**
+   * With a monitor that can vouch, look this long before the lease deadline: the watchdog was
+   * fed up to the deadline itself, so a vouch found only at the deadline raced the watchdog
+   * (the simulator's watchdog won every time and reset vouched nodes during store outages).
+   */
+  vouchLeadMs: 200,
 };
 
 export interface AgentOptions {
@@ -287,7 +293,8 @@ export class Agent {
       this.o.env.log('info', 'store reachable again: the lease is renewed');
     }
     this.cancelSelfFence?.();
-    this.cancelSelfFence = this.o.env.setTimer(Math.max(0, allowMs), () => this.leaseDeadline());
+    const leadMs = (this.o.monitors ?? []).some((m) => m.vouchUntilMs) ? agentLimits.vouchLeadMs : 0;
+    this.cancelSelfFence = this.o.env.setTimer(Math.max(0, allowMs - leadMs), () => this.leaseDeadline());
   }
 
   /**
@@ -299,9 +306,12 @@ export class Agent {
    */
   private leaseDeadline(): void {
     const env = this.o.env;
+    const t = this.o.timings;
     const nowMs = env.nowMs();
+    const deadlineAtMs = this.lastRenewOkSentMs + t.leaseTtlMs - t.selfFenceMarginMs;
     const untilMs = Math.max(0, ...(this.o.monitors ?? []).map((m) => m.vouchUntilMs?.() ?? 0));
-    if (this.flags.armed && this.phase === 'joined' && untilMs > nowMs) {
+    // a vouch counts only if it reaches past the deadline (the watchdog is already fed that far)
+    if (this.flags.armed && this.phase === 'joined' && untilMs > Math.max(nowMs, deadlineAtMs)) {
       if (!this.vouched)
         env.log(
           'warn',
@@ -318,6 +328,12 @@ export class Agent {
       this.cancelSelfFence = env.setTimer(Math.min(untilMs - nowMs, agentLimits.vouchRecheckMs), () =>
         this.leaseDeadline(),
       );
+      return;
+    }
+    if (nowMs < deadlineAtMs) {
+      // looked early (vouchLeadMs) and nothing vouches past the deadline yet: look again then
+      this.cancelSelfFence?.();
+      this.cancelSelfFence = env.setTimer(deadlineAtMs - nowMs, () => this.leaseDeadline());
       return;
     }
     void this.selfFence('lease not renewed in time');
