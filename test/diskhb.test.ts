@@ -171,7 +171,7 @@ test('config: an sbd fence device and a per-node disk slot; bad values name the 
   assert.ok(ok.ok);
   const node = ok.value.nodes[0]!;
   assert.deepEqual(node.fence[0], { type: 'sbd', device: '/dev/loop9', timeoutMs: 3000, msgwaitMs: 4000 });
-  assert.deepEqual(node.disk, { device: '/etc/corral/hb', slot: 2, intervalMs: 1000 });
+  assert.deepEqual(node.disk, { device: '/etc/corral/hb', slot: 2, intervalMs: 500 });
   const bad = parseClusterConfig(
     yaml('{ type: sbd, timeoutMs: 3000 }', '{ device: hb, slot: 300 }'),
     'c.yaml',

@@ -229,7 +229,9 @@ const diskHeartbeat = (baseDir: string) =>
   z.strictObject({
     device: filePath(baseDir),
     slot: boundedInt(0, 254, 'slot number'),
-    intervalMs: boundedInt(50, configLimits.timingMsMax, 'ms').default(1000),
+    // 500 ms: with the sbd device's default msgwaitMs (4000) the disk vouches for 2000 ms,
+    // more than two intervals, as the agent requires (at 1000 ms the vouch was off by default)
+    intervalMs: boundedInt(50, configLimits.timingMsMax, 'ms').default(500),
   });
 
 const nodeSchema = (baseDir: string) =>

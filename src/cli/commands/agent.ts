@@ -210,13 +210,21 @@ function nodeMonitors(
     // for it when the store alone is lost (no needless self-fence while etcd has no quorum).
     // Half of msgwaitMs: the other half covers the kill before the fencer counts silence.
     const sbd = me.fence.find((d) => d.type === 'sbd');
-    const vouchMs = sbd && sbd.type === 'sbd' ? Math.floor(sbd.msgwaitMs / 2) : undefined;
+    const halfMsgwaitMs = sbd && sbd.type === 'sbd' ? Math.floor(sbd.msgwaitMs / 2) : undefined;
+    // a vouch shorter than two disk rounds would lapse between good rounds
+    const vouchMs =
+      halfMsgwaitMs !== undefined && halfMsgwaitMs > 2 * me.disk.intervalMs ? halfMsgwaitMs : undefined;
+    if (halfMsgwaitMs !== undefined && vouchMs === undefined)
+      env.log(
+        'warn',
+        `the heartbeat disk will not vouch for this node when the store alone is lost: msgwaitMs / 2 (${halfMsgwaitMs} ms) must exceed 2 x disk.intervalMs (${2 * me.disk.intervalMs} ms); raise the sbd device's msgwaitMs or lower disk.intervalMs`,
+      );
     monitors.push(
       new DiskHeartbeat({
         path: me.disk.device,
         slot: me.disk.slot,
         intervalMs: me.disk.intervalMs,
-        vouchMs: vouchMs !== undefined && vouchMs > 2 * me.disk.intervalMs ? vouchMs : undefined,
+        vouchMs,
         env,
       }),
     );
