@@ -567,36 +567,69 @@ async function followMigration(
   let lastLine = '';
   let lastProgress: MigrationProgress | undefined;
   let sawMigration = false;
-  while (performance.now() - t0 < timeoutMs) {
-    const rec = await record(c, name);
-    if (rec?.migration) {
-      sawMigration = true;
-      const s = await statusOf(c, rec.migration.source, name);
-      if (s?.progress) lastProgress = s.progress;
-      const line = `${name}: ${rec.migration.source} -> ${rec.migration.target} ${rec.migration.phase}: ${describeProgress(lastProgress)}`;
-      if (line !== lastLine) process.stdout.write(tty ? `\r\x1b[K${line}` : `${line}\n`);
-      lastLine = line;
-      if (rec.migration.phase === 'abort') {
-        process.stdout.write(`${tty ? '\n' : ''}${name}: migration aborted: ${rec.migration.reason}\n`);
+  // a change of the VM's record or of an agent's report wakes the loop at once (the hand-over is
+  // seen within a store hop, not up to FOLLOW_POLL_MS later); the poll stays as the fallback
+  let wake: (() => void) | undefined;
+  let changed = false;
+  const watcher = await c.store
+    .watch(c.k.prefix, {
+      onEvents: (evs) => {
+        if (evs.some((e) => e.kv.key === c.k.assign(name) || e.kv.key.endsWith(`/${name}`))) {
+          changed = true;
+          wake?.();
+        }
+      },
+      onError: () => undefined,
+    })
+    .catch(() => undefined);
+  try {
+    return await followLoop();
+  } finally {
+    await watcher?.cancel().catch(() => undefined);
+  }
+
+  async function followLoop(): Promise<{ ok: boolean }> {
+    while (performance.now() - t0 < timeoutMs) {
+      const rec = await record(c, name);
+      if (rec?.migration) {
+        sawMigration = true;
+        const s = await statusOf(c, rec.migration.source, name);
+        if (s?.progress) lastProgress = s.progress;
+        const line = `${name}: ${rec.migration.source} -> ${rec.migration.target} ${rec.migration.phase}: ${describeProgress(lastProgress)}`;
+        if (line !== lastLine) process.stdout.write(tty ? `\r\x1b[K${line}` : `${line}\n`);
+        lastLine = line;
+        if (rec.migration.phase === 'abort') {
+          process.stdout.write(`${tty ? '\n' : ''}${name}: migration aborted: ${rec.migration.reason}\n`);
+          return { ok: false };
+        }
+      } else if (rec && rec.node === target && rec.epoch > epoch0 && rec.state === 'started') {
+        const ms = Math.round(performance.now() - t0);
+        process.stdout.write(
+          `${tty && lastLine ? '\n' : ''}${name}: now on ${target} (epoch ${rec.epoch}, ${ms} ms; ${rec.reason})\n`,
+        );
+        return { ok: true };
+      } else if (sawMigration && rec && !rec.migration && rec.node !== target) {
+        process.stdout.write(`${tty ? '\n' : ''}${name}: migration did not complete: ${rec.reason}\n`);
         return { ok: false };
       }
-    } else if (rec && rec.node === target && rec.epoch > epoch0 && rec.state === 'started') {
-      const ms = Math.round(performance.now() - t0);
-      process.stdout.write(
-        `${tty && lastLine ? '\n' : ''}${name}: now on ${target} (epoch ${rec.epoch}, ${ms} ms; ${rec.reason})\n`,
-      );
-      return { ok: true };
-    } else if (sawMigration && rec && !rec.migration && rec.node !== target) {
-      process.stdout.write(`${tty ? '\n' : ''}${name}: migration did not complete: ${rec.reason}\n`);
-      return { ok: false };
+      // a change seen while this round read the store: read again at once
+      if (!changed)
+        await new Promise<void>((r) => {
+          const t = setTimeout(r, FOLLOW_POLL_MS);
+          wake = () => {
+            clearTimeout(t);
+            r();
+          };
+        });
+      wake = undefined;
+      changed = false;
     }
-    await new Promise((r) => setTimeout(r, FOLLOW_POLL_MS));
+    const rec = await record(c, name);
+    process.stdout.write(
+      `\n${name}: still not on ${target} after ${timeoutMs} ms: ${rec?.reason ?? 'no record'}\n`,
+    );
+    return { ok: false };
   }
-  const rec = await record(c, name);
-  process.stdout.write(
-    `\n${name}: still not on ${target} after ${timeoutMs} ms: ${rec?.reason ?? 'no record'}\n`,
-  );
-  return { ok: false };
 }
 
 /**
