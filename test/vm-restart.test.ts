@@ -2,7 +2,8 @@
 // is started again. Whatever phase the migration reached while no agent watched it, the
 // guest must survive (same boot stamp, its tick counter went on) and must never run on both
 // nodes at once: a watcher samples both QEMUs' run states over their admin QMP sockets all
-// along. The migration is slowed (migrationBandwidthMiBps) so it lasts several seconds.
+// along. The migration is slowed (migrationBandwidthMiBps) so it lasts several seconds. Last,
+// the source node crashes (power cut) mid-migration: it is fenced and the VM boots afresh once.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -282,5 +283,62 @@ describe('agent restart during a live migration', { timeout: 400_000, skip }, ()
     assert.equal(await status('n1', id), 'running');
     assert.equal(await status('n2', id), undefined, 'no copy on n2');
     assert.deepEqual(await w.stop(), []);
+  });
+
+  it('the source node crashes mid-migration: fenced, and the VM boots again once, on the target node', async () => {
+    const id = 'crashed.example.org';
+    const mac = '52:54:00:bb:00:04';
+    const stamp = await defineOn(id, mac, SLOWER_MIBPS);
+    const w = watchTwice(id);
+    const src = readPidfile(stateDir('n1'), id);
+    assert.ok(src, 'source pidfile');
+    const epoch0 = (await c.resourceOn(id)).epoch ?? 0;
+    await putVm(id, mac, SLOWER_MIBPS, 'n2');
+    await c.waitFor(
+      'the stream under way',
+      async () => {
+        const q = await migrateStatus('n1', id);
+        return q?.status === 'active' && (q.ram?.transferred ?? 0) > 64 * 1024;
+      },
+      60000,
+      50,
+    );
+    // a power cut of n1: its agent, watchdog and QEMU die at once (the local fence device)
+    const r = c.cli('node', 'crash', 'n1', '--state-root', c.stateRoot);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    await c.waitFor('source QEMU gone', async () => !isAlive(src.pid, src.startTime), 10000);
+    // the half-received copy on n2 must not become the VM: n1 is fenced, then the VM boots afresh
+    await c.waitFor(
+      'n1 fenced',
+      async () => (await c.snapshot()).nodes.get('n1')?.status?.state === 'fenced',
+      90000,
+    );
+    await c.waitFor(
+      `${id} started on n2 at a new epoch`,
+      async () => {
+        const rec = (await c.snapshot()).resources.get(id)?.rec;
+        return rec?.node === 'n2' && rec.state === 'started' && !rec.migration && (rec.epoch ?? 0) > epoch0;
+      },
+      90000,
+    );
+    let m = await marker('n2', id);
+    for (let i = 0; i < 100 && !(m && m.ticks > 0 && m.status === 'running'); i++) {
+      await sleep(100);
+      m = await marker('n2', id);
+    }
+    assert.equal(m?.status, 'running', 'the VM runs on n2');
+    assert.notEqual(m?.stamp, stamp, 'a fresh boot: the guest state died with n1, never half-migrated');
+    const evs = await c.events();
+    assert.ok(
+      evs.some((e) => e.object === 'n1' && e.action === 'fence-ok'),
+      'fenced before recovery',
+    );
+    assert.deepEqual(await w.stop(), []);
+    c.startAgent('n1');
+    await c.waitFor(
+      'n1 back',
+      async () => (await c.snapshot()).nodes.get('n1')?.status?.state === 'online',
+      60000,
+    );
   });
 });
