@@ -141,6 +141,19 @@ describe('agent restart during a live migration', { timeout: 400_000, skip }, ()
     return m.stamp;
   }
 
+  /** wait until n1's QEMU is sending the guest (more than 64 KiB out) */
+  async function streamUnderWay(id: string): Promise<void> {
+    await c.waitFor(
+      'the stream under way',
+      async () => {
+        const q = await migrateStatus('n1', id);
+        return q?.status === 'active' && (q.ram?.transferred ?? 0) > 64 * 1024;
+      },
+      60000,
+      50,
+    );
+  }
+
   /** start `vm migrate` to n2, wait until the stream is under way, kill n1's agent (not QEMU) */
   async function migrateAndKillSourceAgent(
     id: string,
@@ -151,15 +164,7 @@ describe('agent restart during a live migration', { timeout: 400_000, skip }, ()
     assert.ok(src, 'source pidfile');
     // what `vm migrate NAME n2` writes: the VM prefers n2 now, the manager moves it live
     await putVm(id, mac, mibps, 'n2');
-    await c.waitFor(
-      'the stream under way',
-      async () => {
-        const q = await migrateStatus('n1', id);
-        return q?.status === 'active' && (q.ram?.transferred ?? 0) > 64 * 1024;
-      },
-      60000,
-      50,
-    );
+    await streamUnderWay(id);
     process.kill(c.agentPid('n1'), 'SIGKILL');
     await waitAgentGone('n1');
     assert.ok(isAlive(src.pid, src.startTime), 'QEMU outlives its agent');
@@ -294,15 +299,7 @@ describe('agent restart during a live migration', { timeout: 400_000, skip }, ()
     assert.ok(src, 'source pidfile');
     const epoch0 = (await c.resourceOn(id)).epoch ?? 0;
     await putVm(id, mac, SLOWER_MIBPS, 'n2');
-    await c.waitFor(
-      'the stream under way',
-      async () => {
-        const q = await migrateStatus('n1', id);
-        return q?.status === 'active' && (q.ram?.transferred ?? 0) > 64 * 1024;
-      },
-      60000,
-      50,
-    );
+    await streamUnderWay(id);
     // a power cut of n1: its agent, watchdog and QEMU die at once (the local fence device)
     const r = c.cli('node', 'crash', 'n1', '--state-root', c.stateRoot);
     assert.equal(r.code, 0, r.stdout + r.stderr);
