@@ -288,7 +288,14 @@ test('etcd store: a 3-member cluster survives killing the member in use', { skip
       unknownOutcome.push(i);
     }
   }
-  assert.ok(unknownOutcome.length <= 1, `writes failed after fail-over: ${unknownOutcome.join(',')}`);
+  // only the writes of the fail-over itself may fail: the one in flight on the dead member, and,
+  // when that member led the Raft group, those proposed while a new leader is elected (etcd
+  // answers "request timed out, possibly due to previous leader failure"); after that, none
+  const failoverRoundsMax = 3;
+  assert.ok(
+    unknownOutcome.length <= failoverRoundsMax && unknownOutcome.every((r, k) => r === 40 + k),
+    `writes failed after fail-over: ${unknownOutcome.join(',')}`,
+  );
   assert.notEqual(store.currentEndpoint, cluster.endpoints[victim]);
   assert.equal((await store.get('/k/alive'))?.value, 'yes', 'the lease stayed alive');
 
