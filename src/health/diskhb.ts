@@ -388,6 +388,36 @@ export async function readDisk(
 
 // ---------------------------------------------------------------- the node's monitor
 
+/**
+ * The monitor's safety rules, shared with the simulator's disk monitor (src/sim/disk.ts), whose
+ * I/O is simulated: what the vouch covers, when losing the disk self-fences, and that a pill is
+ * acknowledged only after a real kill.
+ */
+export const diskRules = {
+  /** vouch for vouchMs after the last good round, never while the disk is lost or stopped */
+  vouchUntilMs(s: { vouchMs?: number; lost: boolean; stopped: boolean; lastGoodRoundMs: number }): number {
+    if (s.vouchMs === undefined || s.lost || s.stopped || s.lastGoodRoundMs === 0) return 0;
+    return s.lastGoodRoundMs + s.vouchMs;
+  },
+
+  /** the disk and the store both lost: nobody can tell this node anything any more */
+  async afterRound(s: { lost: boolean; stopped: boolean }, ctx: NodeMonitorContext): Promise<void> {
+    if (s.lost && !s.stopped && ctx.joined() && !ctx.storeHealthy())
+      await ctx.selfFence('lost both the store and the heartbeat disk');
+  },
+
+  /**
+   * Obey a poison pill: self-fence, and say whether the pill may be acknowledged, which is only
+   * once every resource is down by a kill (the acknowledgement is a fence record). A disarmed
+   * agent does not kill, so never acknowledges.
+   */
+  async obeyPill(ctx: NodeMonitorContext, from: string, warn: (msg: string) => void): Promise<boolean> {
+    const killed = await ctx.selfFence(`poison pill from ${from || 'a fencer'} on the heartbeat disk`);
+    if (!killed) warn('poison pill not acknowledged: the agent did not self-fence (disarmed?)');
+    return killed;
+  },
+};
+
 export interface DiskHeartbeatOptions {
   path: string;
   slot: number;
@@ -517,24 +547,22 @@ export class DiskHeartbeat implements NodeMonitor {
         env.log('warn', `heartbeat disk lost for ${silentMs} ms: ${(e as Error).message}`);
       }
     }
-    if (this.lost && !this.stopped && ctx.joined() && !ctx.storeHealthy())
-      await ctx.selfFence('lost both the store and the heartbeat disk');
+    await diskRules.afterRound({ lost: this.lost, stopped: this.stopped }, ctx);
   }
 
   vouchUntilMs(): number {
-    if (this.o.vouchMs === undefined || this.lost || this.stopped || this.lastGoodRoundMs === 0) return 0;
-    return this.lastGoodRoundMs + this.o.vouchMs;
+    return diskRules.vouchUntilMs({
+      vouchMs: this.o.vouchMs,
+      lost: this.lost,
+      stopped: this.stopped,
+      lastGoodRoundMs: this.lastGoodRoundMs,
+    });
   }
 
   private async obeyPill(mail: Mailbox): Promise<void> {
     const ctx = this.ctx!;
     this.o.env.log('error', `poison pill ${mail.pillSeq} from ${mail.from || '?'} in slot ${this.o.slot}`);
-    const killed = await ctx.selfFence(`poison pill from ${mail.from || 'a fencer'} on the heartbeat disk`);
-    if (!killed) {
-      // the self-fence did not happen (cluster disarmed): never acknowledge a kill that did not happen
-      this.o.env.log('warn', 'poison pill not acknowledged: the agent did not self-fence (disarmed?)');
-      return;
-    }
+    if (!(await diskRules.obeyPill(ctx, mail.from, (msg) => this.o.env.log('warn', msg)))) return;
     this.ackSeq = mail.pillSeq;
     this.ackAtMs = this.o.env.nowMs();
   }

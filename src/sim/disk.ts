@@ -12,6 +12,7 @@
 // fenceSbdSim follows fenceSbd: write the pill, then poll the slot until it acknowledges
 // (success), stays unchanged for msgwaitMs (success by silence), or timeoutMs passes (failure).
 import type { NodeMonitor, NodeMonitorContext } from '../env/types.js';
+import { diskRules } from '../health/diskhb.js';
 import type { EventQueue, Owner } from './queue.js';
 
 export type SimSlotState = 'empty' | 'alive' | 'fenced' | 'stopped';
@@ -197,25 +198,27 @@ export class SimDiskMonitor implements NodeMonitor {
         this.o.note('disk-lost', `heartbeat disk lost for ${silentMs} ms`);
       }
     }
-    if (this.lost && !this.stopped && ctx.joined() && !ctx.storeHealthy())
-      await ctx.selfFence('lost both the store and the heartbeat disk');
+    await diskRules.afterRound({ lost: this.lost, stopped: this.stopped }, ctx);
   }
 
   vouchUntilMs(): number {
-    if (this.o.vouchMs === undefined || this.lost || this.stopped || this.lastGoodRoundMs === 0) return 0;
-    return this.lastGoodRoundMs + this.o.vouchMs;
+    return diskRules.vouchUntilMs({
+      vouchMs: this.o.vouchMs,
+      lost: this.lost,
+      stopped: this.stopped,
+      lastGoodRoundMs: this.lastGoodRoundMs,
+    });
   }
 
   private async obeyPill(mail: SimMailbox): Promise<void> {
     const ctx = this.ctx!;
     this.o.log('error', `poison pill ${mail.pillSeq} from ${mail.from || '?'}`);
     this.o.note('poison-pill', `pill ${mail.pillSeq} from ${mail.from || '?'} read`);
-    const killed = await ctx.selfFence(`poison pill from ${mail.from || 'a fencer'} on the heartbeat disk`);
-    if (!killed) {
-      this.o.log('warn', 'poison pill not acknowledged: the agent did not self-fence (disarmed?)');
+    const warn = (msg: string) => {
+      this.o.log('warn', msg);
       this.o.note('pill-not-acknowledged', 'the agent did not self-fence (disarmed?)');
-      return;
-    }
+    };
+    if (!(await diskRules.obeyPill(ctx, mail.from, warn))) return;
     this.ackSeq = mail.pillSeq;
     this.ackAtMs = this.o.nowMs();
     this.o.note('pill-acknowledged', `pill ${mail.pillSeq} acknowledged after the self-fence`);
