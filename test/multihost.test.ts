@@ -23,8 +23,7 @@ async function withCluster(
     const problems = await c.verdict(await ids(c));
     assert.deepEqual(problems, [], problems.join('\n'));
   } catch (e) {
-    process.stderr.write(`cluster dir ${c.dir}; agent log tails:\n`);
-    for (const h of c.hosts) process.stderr.write(`--- ${h.name}\n${c.agentLog(h.name).slice(-3000)}\n`);
+    process.stderr.write(`cluster dir ${c.dir}; agent log tails:\n${c.agentLogTails()}`);
     throw e;
   } finally {
     await c.stop();

@@ -309,7 +309,7 @@ export class Agent {
     const t = this.o.timings;
     const nowMs = env.nowMs();
     const deadlineAtMs = this.lastRenewOkSentMs + t.leaseTtlMs - t.selfFenceMarginMs;
-    const untilMs = Math.max(0, ...(this.o.monitors ?? []).map((m) => m.vouchUntilMs?.() ?? 0));
+    const untilMs = this.vouchUntilMs();
     // a vouch counts only if it reaches past the deadline (the watchdog is already fed that far)
     if (this.flags.armed && this.phase === 'joined' && untilMs > Math.max(nowMs, deadlineAtMs)) {
       if (!this.vouched)
@@ -380,15 +380,15 @@ export class Agent {
     }
   }
 
+  /** until when a monitor (the heartbeat disk) vouches for this node; 0 when none does */
+  private vouchUntilMs(): number {
+    return Math.max(0, ...(this.o.monitors ?? []).map((m) => m.vouchUntilMs?.() ?? 0));
+  }
+
   /** past the lease deadline and still vouched for by a monitor (see leaseDeadline) */
   private vouchedNow(): boolean {
     const nowMs = this.o.env.nowMs();
-    return (
-      this.vouched &&
-      this.flags.armed &&
-      this.phase === 'joined' &&
-      Math.max(0, ...(this.o.monitors ?? []).map((m) => m.vouchUntilMs?.() ?? 0)) > nowMs
-    );
+    return this.vouched && this.flags.armed && this.phase === 'joined' && this.vouchUntilMs() > nowMs;
   }
 
   /**

@@ -677,6 +677,11 @@ export class NetCluster extends ClusterReads {
     return seen;
   }
 
+  /** the end of every host's agent log, for a failed test's output */
+  agentLogTails(maxChars = 3000): string {
+    return this.hosts.map((h) => `--- ${h.name}\n${this.agentLog(h.name).slice(-maxChars)}\n`).join('');
+  }
+
   agentLog(name: string): string {
     const p = join(this.host(name).dir, 'agent.log');
     return existsSync(p) ? readFileSync(p, 'utf8') : '';
